@@ -1,0 +1,57 @@
+"""`python -m core <command> ...`: the command line (see `python -m core --help`)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from core.commands import COMMAND_MODULES
+from core.commands.common import add_common_options, write_json
+from core.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m core", description="ROME Studio: locate and edit facts in language models")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:
+                continue  # a command not built yet
+            raise
+        module.register(sub, add_common_options)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.run(args)
+        if getattr(args, "json_out", None) and result is not None:
+            write_json(args.json_out, result)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # never a traceback for the user; ROME_STUDIO_DEBUG=1 shows it
+        if os.environ.get("ROME_STUDIO_DEBUG"):
+            raise
+        print(f"error: unexpected {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Average indirect effect (AIE) of restored states over many known facts, by token category (paper Fig. 2).
+
+For each fact the model predicts, trace all kinds and average the indirect effect (restored score minus
+the fact's low score) over six token categories, as the paper's notebook groups them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from core.facts import Fact, predict
+from core.models import LoadedModel
+from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS, TraceResult, trace
+
+CATEGORIES = (
+    "first subject token",
+    "middle subject tokens",
+    "last subject token",
+    "first subsequent token",
+    "further tokens",
+    "last token",
+)
+
+
+def category_rows(subject_range: tuple[int, int], num_tokens: int) -> list[list[int]]:
+    """Token positions of each category (a position may serve two categories, as in the paper)."""
+    first_subject, first_after = subject_range
+    last_subject, last = first_after - 1, num_tokens - 1
+    rows = [
+        [first_subject],
+        list(range(first_subject + 1, last_subject)),
+        [last_subject],
+        [first_after],
+        list(range(first_after + 1, last)),
+        [last],
+    ]
+    return [[r for r in category if r < num_tokens] for category in rows]
+
+
+@dataclass
+class _Mean:
+    total: np.ndarray | None = None
+    count: int = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        if len(rows) == 0:
+            return
+        summed = rows.sum(axis=0)
+        self.total = summed if self.total is None else self.total + summed
+        self.count += len(rows)
+
+    def mean(self, width: int) -> list[float]:
+        if self.total is None:
+            return [float("nan")] * width
+        return (self.total / self.count).tolist()
+
+
+@dataclass
+class AIEResult:
+    model: str
+    n: int
+    skipped: int
+    seconds: float
+    tables: dict[str, list[list[float]]]  # kind -> 6 x layers average indirect effect
+    counts: dict[str, list[int]]  # kind -> token rows averaged per category
+    mean_high_score: float
+    mean_low_score: float
+    traces: list[TraceResult] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model,
+            "n": self.n,
+            "skipped": self.skipped,
+            "seconds": self.seconds,
+            "categories": list(CATEGORIES),
+            "mean_high_score": self.mean_high_score,
+            "mean_low_score": self.mean_low_score,
+            **{kind: {"scores": table, "rows": self.counts[kind]} for kind, table in self.tables.items()},
+        }
+
+    def peak(self, kind: str) -> tuple[str, int, float]:
+        """(category, layer, effect) of the largest average indirect effect."""
+        table = np.array(self.tables[kind])
+        c, layer = np.unravel_index(np.nanargmax(table), table.shape)
+        return CATEGORIES[c], int(layer), float(table[c, layer])
+
+
+def average_indirect_effect(
+    lm: LoadedModel,
+    facts: Sequence[Fact],
+    *,
+    limit: int | None = None,
+    kinds: Sequence[str] = KINDS,
+    samples: int = DEFAULT_SAMPLES,
+    noise: float | None = None,
+    window: int = DEFAULT_WINDOW,
+    progress: Callable[[int, int], None] | None = None,
+    keep_traces: bool = False,
+) -> AIEResult:
+    """Trace up to `limit` facts that the model predicts (the others are counted as skipped)."""
+    started = time.perf_counter()
+    means = {kind: [_Mean() for _ in CATEGORIES] for kind in kinds}
+    target = len(facts) if limit is None else min(limit, len(facts))
+    used, skipped, highs, lows, traces = 0, 0, [], [], []
+    for fact in facts:
+        if used >= target:
+            break
+        if not predict(lm, fact).known:
+            skipped += 1
+            continue
+        result = trace(lm, fact.prompt, fact.subject, kinds=kinds, samples=samples, noise=noise, window=window)
+        for kind in kinds:
+            effect = result.indirect_effect(kind)
+            for mean, rows in zip(means[kind], category_rows(result.subject_range, len(result.tokens))):
+                mean.add(effect[rows])
+        highs.append(result.high_score)
+        lows.append(result.low_score)
+        if keep_traces:
+            traces.append(result)
+        used += 1
+        if progress:
+            progress(used, target)
+    layers = lm.num_layers
+    return AIEResult(
+        model=lm.name,
+        n=used,
+        skipped=skipped,
+        seconds=time.perf_counter() - started,
+        tables={kind: [m.mean(layers) for m in means[kind]] for kind in kinds},
+        counts={kind: [m.count for m in means[kind]] for kind in kinds},
+        mean_high_score=float(np.mean(highs)) if highs else float("nan"),
+        mean_low_score=float(np.mean(lows)) if lows else float("nan"),
+        traces=traces,
+    )

@@ -1,0 +1,73 @@
+"""What every command shares: the --model/--json/--device options, model loading, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from core.errors import UserError
+from core.models import EMBEDDED_MODEL, LoadedModel, load_model
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="Hugging Face id or local folder (default: embedded)")
+    parser.add_argument("--json", dest="json_out", metavar="OUT", help="write the machine-readable result here")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+
+
+def load(args: argparse.Namespace) -> LoadedModel:
+    return load_model(args.model, device=args.device)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
+    return value
+
+
+def read_json_file(path: str | Path, what: str = "file"):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {str(path)!r} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{what} {str(path)!r} is not valid JSON ({err})") from None
+
+
+def to_jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if hasattr(value, "tolist"):  # torch tensors
+        return to_jsonable(value.tolist())
+    return value
+
+
+def write_json(path: str | Path, result: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_jsonable(result), indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,112 @@
+"""Running part of a model: blocks [first, stop) on a stretch of positions, with the keys/values of the
+positions before it supplied from an earlier run.
+
+This is what lets tracing and ROME skip work a change cannot reach: a change at layer l and position i
+leaves every state at earlier layers and earlier positions as it was, so only blocks > l at positions >= i
+are computed, attending to the recorded keys/values of positions < i.
+
+    states = run_blocks(lm, hidden, first=5, positions=range(4, 10), prefix=recorded.prefix(4))
+    logits = final_logits(lm, states[:, -1])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from core.models import LoadedModel
+
+
+@dataclass
+class LayerKV:
+    keys: torch.Tensor  # (batch, kv_heads, positions, head_dim), as the attention module caches them
+    values: torch.Tensor
+
+
+class PrefixCache:
+    """Duck-typed transformers cache: per layer, fixed keys/values of earlier positions that the new
+    positions attend to. Nothing is stored back: each call sees the same prefix."""
+
+    def __init__(self, layers: dict[int, LayerKV], repeat: int = 1) -> None:
+        self.layers = layers
+        self.repeat = repeat  # the batch is `repeat` copies of the prefix's batch, copy-major
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        kv = self.layers.get(layer_idx)
+        if kv is None or kv.keys.shape[2] == 0:
+            return key, value
+        pk, pv = kv.keys, kv.values
+        if self.repeat > 1:
+            pk = pk.repeat(self.repeat, 1, 1, 1)
+            pv = pv.repeat(self.repeat, 1, 1, 1)
+        return torch.cat([pk.to(key.dtype), key], dim=2), torch.cat([pv.to(value.dtype), value], dim=2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        kv = self.layers.get(layer_idx)
+        return 0 if kv is None else kv.keys.shape[2]
+
+
+def record_kv(cache) -> dict[int, LayerKV]:
+    """The keys/values a full forward with `use_cache=True` returned, as {layer: LayerKV}."""
+    return {i: LayerKV(layer.keys, layer.values) for i, layer in enumerate(cache.layers)}
+
+
+def slice_prefix(kv: dict[int, LayerKV], end: int, rows: slice | None = None) -> dict[int, LayerKV]:
+    """Positions [0, end) of recorded keys/values (optionally only some batch rows)."""
+    rows = rows or slice(None)
+    return {i: LayerKV(v.keys[rows, :, :end], v.values[rows, :, :end]) for i, v in kv.items()}
+
+
+def _attention_mask(lm: LoadedModel, batch: int, start: int, length: int, device) -> torch.Tensor:
+    """Causal mask for queries at positions [start, start+length) over keys [0, start+length)."""
+    q = torch.arange(start, start + length, device=device)[:, None]
+    k = torch.arange(start + length, device=device)[None, :]
+    allowed = (k <= q)[None, None]
+    if lm.model.config._attn_implementation == "eager":
+        mask = torch.zeros(allowed.shape, dtype=lm.dtype, device=device)
+        return mask.masked_fill(~allowed, torch.finfo(lm.dtype).min)
+    return allowed
+
+
+BlockHook = Callable[[int, torch.Tensor], torch.Tensor | None]
+
+
+def run_blocks(
+    lm: LoadedModel,
+    hidden: torch.Tensor,
+    first: int,
+    stop: int | None = None,
+    start_position: int = 0,
+    prefix: PrefixCache | None = None,
+    after_block: BlockHook | None = None,
+) -> torch.Tensor:
+    """Apply blocks first..stop-1 to `hidden` (batch, positions, hidden) standing at absolute positions
+    start_position..; `prefix` holds the keys/values of positions < start_position for each layer.
+    `after_block(layer, h)` may return a replacement for a block's output."""
+    arch, model = lm.arch, lm.model
+    blocks = model.get_submodule(arch.blocks)
+    stop = len(blocks) if stop is None else stop
+    batch, length = hidden.shape[:2]
+    if start_position and prefix is None:
+        raise ValueError("positions after 0 need the keys/values of the earlier positions")
+    positions = torch.arange(start_position, start_position + length, device=hidden.device)[None].expand(batch, -1)
+    kwargs: dict = {"attention_mask": _attention_mask(lm, batch, start_position, length, hidden.device)}
+    if arch.rotary is not None:
+        kwargs["position_ids"] = positions
+        kwargs["position_embeddings"] = model.get_submodule(arch.rotary)(hidden, positions)
+    if prefix is not None:
+        kwargs[arch.cache_kwarg] = prefix
+    for layer in range(first, stop):
+        hidden = blocks[layer](hidden, **kwargs)
+        if after_block is not None:
+            replaced = after_block(layer, hidden)
+            hidden = hidden if replaced is None else replaced
+    return hidden
+
+
+def final_logits(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from last-layer states: final norm, then the unembedding."""
+    model, arch = lm.model, lm.arch
+    return model.get_submodule(arch.lm_head)(model.get_submodule(arch.final_norm)(hidden))

