@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars say what is going on
+    hf_logging.set_verbosity_error()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

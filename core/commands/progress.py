@@ -1,4 +1,4 @@
-"""A tqdm bar on stderr as a `progress(done, total)` callback."""
+"""A tqdm bar on stderr as a `progress(done, total)` callback; it appears only once work is reported."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ from tqdm import tqdm
 
 @contextmanager
 def progress_bar(description: str):
-    bar = tqdm(desc=description, file=sys.stderr, leave=False, dynamic_ncols=True)
+    bars: list[tqdm] = []
 
     def update(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(desc=description, total=total, file=sys.stderr, leave=False, dynamic_ncols=True))
+        bar = bars[0]
         if bar.total != total:
             bar.reset(total=total)
         bar.n = done
@@ -21,4 +24,5 @@ def progress_bar(description: str):
     try:
         yield update
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()

@@ -1,0 +1,90 @@
+"""The command line: JSON contract of trace / aie / facts, and one clear line for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from core.__main__ import main
+
+
+def run_cli(args, capsys):
+    try:
+        code = main(args)
+    except SystemExit as exit_:  # argparse errors
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["trace", "--prompt", "", "--subject", "x"], "prompt is empty"),
+        (["trace", "--prompt", "The Eiffel Tower is tall", "--subject", "Big Ben"], "does not occur"),
+        (["trace", "--prompt", "a b", "--subject", "a", "--model", "no-such/model-xyz"], "not found"),
+        (["trace", "--prompt", "a b", "--subject", "a", "--samples", "-3"], "must be positive"),
+        (["trace", "--prompt", "a b", "--subject", "a", "--noise", "nan"], "finite"),
+        (["aie", "--facts", "/no/such/facts.json"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_non_zero(args, message, capsys):
+    code, out, err = run_cli(args, capsys)
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip() and "Loading" not in line and "%|" not in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error:") and message in lines[0]
+    assert "Traceback" not in err
+
+
+def test_malformed_facts_file(tmp_path, capsys):
+    bad = tmp_path / "facts.json"
+    bad.write_text("{not json")
+    code, _, err = run_cli(["aie", "--facts", str(bad)], capsys)
+    assert code == 2 and "not valid JSON" in err
+    bad.write_text(json.dumps([{"subject": "Rome", "prompt": "Paris is in", "attribute": "France"}]))
+    code, _, err = run_cli(["aie", "--facts", str(bad)], capsys)
+    assert code == 2 and "record 0" in err and "not in its prompt" in err
+    bad.write_text(json.dumps([{"subject": "Rome"}]))
+    code, _, err = run_cli(["facts", "--facts", str(bad)], capsys)
+    assert code == 2 and "lacks" in err
+
+
+@pytest.mark.slow
+def test_trace_json_contract(tmp_path, capsys):
+    out = tmp_path / "trace.json"
+    code, stdout, _ = run_cli(
+        ["trace", "--prompt", "The Eiffel Tower is located in the city of", "--subject", "The Eiffel Tower",
+         "--kind", "hidden", "--samples", "2", "--json", str(out)],
+        capsys,
+    )
+    assert code == 0 and "Paris" in stdout
+    data = json.loads(out.read_text())
+    for key in ("model", "prompt", "subject", "answer", "tokens", "subject_range", "high_score", "low_score", "seconds"):
+        assert key in data
+    assert data["answer"] == " Paris" and data["subject_range"] == [0, 4]
+    table = data["hidden"]["scores"]
+    assert len(table) == len(data["tokens"]) and len(table[0]) == 30
+    assert data["high_score"] > data["low_score"]
+
+
+@pytest.mark.slow
+def test_aie_json_contract(tmp_path, capsys):
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps([
+        {"subject": "The Eiffel Tower", "prompt": "The Eiffel Tower is located in the city of", "attribute": "Paris"},
+        {"subject": "The Eiffel Tower", "prompt": "The Eiffel Tower is located in the city of", "attribute": "Tokyo"},
+        {"subject": "Germany", "prompt": "The capital of Germany is", "attribute": "Berlin"},
+    ]))
+    out = tmp_path / "aie.json"
+    code, _, err = run_cli(["aie", "--facts", str(facts), "--limit", "1", "--samples", "2", "--json", str(out)], capsys)
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert data["n"] == 1 and data["skipped"] == 0
+    assert len(data["categories"]) == 6
+    for kind in ("hidden", "mlp", "attn"):
+        assert len(data[kind]["scores"]) == 6 and len(data[kind]["scores"][0]) == 30
+    code, _, _ = run_cli(["aie", "--facts", str(facts), "--samples", "2", "--json", str(out)], capsys)
+    data = json.loads(out.read_text())
+    assert data["n"] == 2 and data["skipped"] == 1
