@@ -115,9 +115,11 @@ def main() -> None:
     import numpy as np
 
     rows = []
-    print(f"{'fact':46s} {'kind':6s} {'naive s':>8s} {'fast s':>7s} {'ratio':>6s} {'max diff':>9s} "
-          f"{'naive GMAC':>10s} {'fast GMAC':>9s} {'MAC ratio':>9s} {'naive GF/s':>10s} {'fast GF/s':>9s} "
-          f"{'naive MB':>8s} {'fast MB':>8s}")
+    print(
+        f"{'fact':46s} {'kind':6s} {'naive s':>8s} {'fast s':>7s} {'ratio':>6s} {'max diff':>9s} "
+        f"{'naive GMAC':>10s} {'fast GMAC':>9s} {'MAC ratio':>9s} {'naive GF/s':>10s} {'fast GF/s':>9s} "
+        f"{'naive MB':>8s} {'fast MB':>8s}"
+    )
     for fact in range(min(args.facts, len(FACTS))):
         for kind in args.kinds.split(","):
             fast = run_child("fast", fact, kind)
@@ -142,16 +144,21 @@ def main() -> None:
                 "threads": fast["threads"],
             }
             rows.append(row)
-            print(f"{row['fact'][:46]:46s} {kind:6s} {row['naive_seconds']:8.1f} {row['fast_seconds']:7.1f} "
-                  f"{row['speedup']:6.2f} {diff:9.2e} {row['naive_macs'] / 1e9:10.1f} {row['fast_macs'] / 1e9:9.1f} "
-                  f"{row['mac_ratio']:9.2f} {row['naive_gflops']:10.1f} {row['fast_gflops']:9.1f} "
-                  f"{row['naive_peak_rss_mb']:8.0f} {row['fast_peak_rss_mb']:8.0f}", flush=True)
+            print(
+                f"{row['fact'][:46]:46s} {kind:6s} {row['naive_seconds']:8.1f} {row['fast_seconds']:7.1f} "
+                f"{row['speedup']:6.2f} {diff:9.2e} {row['naive_macs'] / 1e9:10.1f} {row['fast_macs'] / 1e9:9.1f} "
+                f"{row['mac_ratio']:9.2f} {row['naive_gflops']:10.1f} {row['fast_gflops']:9.1f} "
+                f"{row['naive_peak_rss_mb']:8.0f} {row['fast_peak_rss_mb']:8.0f}",
+                flush=True,
+            )
     for kind in args.kinds.split(","):
         mine = [r for r in rows if r["kind"] == kind]
         total_naive = sum(r["naive_seconds"] for r in mine)
         total_fast = sum(r["fast_seconds"] for r in mine)
-        print(f"{kind}: overall speed-up {total_naive / total_fast:.2f}x, "
-              f"max diff {max(r['max_abs_diff'] for r in mine):.2e}")
+        print(
+            f"{kind}: overall speed-up {total_naive / total_fast:.2f}x, "
+            f"max diff {max(r['max_abs_diff'] for r in mine):.2e}"
+        )
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(rows, indent=2) + "\n")

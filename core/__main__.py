@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # never a traceback for the user; ROME_STUDIO_DEBUG=1 shows it
         if os.environ.get("ROME_STUDIO_DEBUG"):
             raise
-        print(f"error: unexpected {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
+        print(
+            f"error: unexpected {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr
+        )
         return 1
     return 0
 

@@ -7,12 +7,12 @@ rewrites; `mlp_out_conv1d` says its weight is stored transposed (GPT-2's Conv1D:
 
 from __future__ import annotations
 
-from core.errors import UserError
-
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from core.errors import UserError
 
 
 class UnsupportedModelError(UserError):

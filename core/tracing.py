@@ -90,7 +90,10 @@ class TraceResult:
             "window": self.window,
             "engine": self.engine,
             "seconds": self.seconds,
-            **{kind: {"scores": table.tolist(), "seconds": self.kind_seconds.get(kind)} for kind, table in self.scores.items()},
+            **{
+                kind: {"scores": table.tolist(), "seconds": self.kind_seconds.get(kind)}
+                for kind, table in self.scores.items()
+            },
         }
 
 
@@ -220,7 +223,9 @@ def prepare(
         corrupt_range = tokenized.subject_range
     start, end = corrupt_range
     if not 0 <= start < end <= len(tokenized.input_ids):
-        raise UserError(f"the corrupted range {corrupt_range} is outside the prompt's {len(tokenized.input_ids)} tokens")
+        raise UserError(
+            f"the corrupted range {corrupt_range} is outside the prompt's {len(tokenized.input_ids)} tokens"
+        )
     noise_level = noise_scale(lm) if noise is None else float(noise)
     ids = torch.tensor([tokenized.input_ids], device=lm.device)
     with torch.no_grad():

@@ -55,13 +55,34 @@ def test_malformed_facts_file(tmp_path, capsys):
 def test_trace_json_contract(tmp_path, capsys):
     out = tmp_path / "trace.json"
     code, stdout, _ = run_cli(
-        ["trace", "--prompt", "The Eiffel Tower is located in the city of", "--subject", "The Eiffel Tower",
-         "--kind", "hidden", "--samples", "2", "--json", str(out)],
+        [
+            "trace",
+            "--prompt",
+            "The Eiffel Tower is located in the city of",
+            "--subject",
+            "The Eiffel Tower",
+            "--kind",
+            "hidden",
+            "--samples",
+            "2",
+            "--json",
+            str(out),
+        ],
         capsys,
     )
     assert code == 0 and "Paris" in stdout
     data = json.loads(out.read_text())
-    for key in ("model", "prompt", "subject", "answer", "tokens", "subject_range", "high_score", "low_score", "seconds"):
+    for key in (
+        "model",
+        "prompt",
+        "subject",
+        "answer",
+        "tokens",
+        "subject_range",
+        "high_score",
+        "low_score",
+        "seconds",
+    ):
         assert key in data
     assert data["answer"] == " Paris" and data["subject_range"] == [0, 4]
     table = data["hidden"]["scores"]
@@ -72,11 +93,23 @@ def test_trace_json_contract(tmp_path, capsys):
 @pytest.mark.slow
 def test_aie_json_contract(tmp_path, capsys):
     facts = tmp_path / "facts.json"
-    facts.write_text(json.dumps([
-        {"subject": "The Eiffel Tower", "prompt": "The Eiffel Tower is located in the city of", "attribute": "Paris"},
-        {"subject": "The Eiffel Tower", "prompt": "The Eiffel Tower is located in the city of", "attribute": "Tokyo"},
-        {"subject": "Germany", "prompt": "The capital of Germany is", "attribute": "Berlin"},
-    ]))
+    facts.write_text(
+        json.dumps(
+            [
+                {
+                    "subject": "The Eiffel Tower",
+                    "prompt": "The Eiffel Tower is located in the city of",
+                    "attribute": "Paris",
+                },
+                {
+                    "subject": "The Eiffel Tower",
+                    "prompt": "The Eiffel Tower is located in the city of",
+                    "attribute": "Tokyo",
+                },
+                {"subject": "Germany", "prompt": "The capital of Germany is", "attribute": "Berlin"},
+            ]
+        )
+    )
     out = tmp_path / "aie.json"
     code, _, err = run_cli(["aie", "--facts", str(facts), "--limit", "1", "--samples", "2", "--json", str(out)], capsys)
     assert code == 0, err

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from core.architecture import ARCHITECTURES, UnsupportedModelError, architecture_for
-from core.models import ModelLoadError, load_model, wrap_model
+from core.models import ModelLoadError, load_model
 from core.tiny import tiny_model
 
 

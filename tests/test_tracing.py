@@ -75,7 +75,9 @@ def test_naive_equals_hand_written_restoration(tiny):
             module = model.get_submodule(name)
             hooks.append(
                 module.register_forward_hook(
-                    lambda m, i, o, name=name: clean_states.__setitem__(name, (o[0] if isinstance(o, tuple) else o).clone())
+                    lambda m, i, o, name=name: clean_states.__setitem__(
+                        name, (o[0] if isinstance(o, tuple) else o).clone()
+                    )
                 )
             )
     with torch.no_grad():

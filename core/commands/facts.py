@@ -37,8 +37,14 @@ def run(args: argparse.Namespace) -> dict:
         "known": len(known),
         "by_relation": {r: [by_relation[r], totals[r]] for r in sorted(totals)},
         "predictions": [
-            {"subject": p.fact.subject, "prompt": p.fact.prompt, "attribute": p.fact.attribute,
-             "answer": p.answer, "probability": p.probability, "known": p.known}
+            {
+                "subject": p.fact.subject,
+                "prompt": p.fact.prompt,
+                "attribute": p.fact.attribute,
+                "answer": p.answer,
+                "probability": p.probability,
+                "known": p.known,
+            }
             for p in predictions
         ],
     }

@@ -18,7 +18,9 @@ def register(sub, add_common_options) -> None:
     parser.add_argument("--kind", choices=[*KINDS, "all"], default="all")
     parser.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES)
     parser.add_argument("--window", type=positive_int, default=DEFAULT_WINDOW)
-    parser.add_argument("--noise", type=non_negative_float, default=None, help="absolute noise scale (default 3 x embedding std)")
+    parser.add_argument(
+        "--noise", type=non_negative_float, default=None, help="absolute noise scale (default 3 x embedding std)"
+    )
     parser.add_argument("--engine", choices=["fast", "naive"], default="fast")
     add_common_options(parser)
     parser.set_defaults(run=run)
@@ -29,14 +31,26 @@ def run(args: argparse.Namespace) -> dict:
     kinds = list(KINDS) if args.kind == "all" else [args.kind]
     with progress_bar(f"tracing ({args.engine})") as progress:
         result = trace(
-            lm, args.prompt, args.subject, kinds=kinds, samples=args.samples, noise=args.noise,
-            window=args.window, engine=args.engine, progress=progress,
+            lm,
+            args.prompt,
+            args.subject,
+            kinds=kinds,
+            samples=args.samples,
+            noise=args.noise,
+            window=args.window,
+            engine=args.engine,
+            progress=progress,
         )
     start, end = result.subject_range
-    print(f"{lm.name}: {args.prompt!r} -> {result.answer!r}  high {result.high_score:.4f}  low {result.low_score:.4f}  "
-          f"subject tokens {start}..{end - 1}  {result.seconds:.1f} s ({args.engine})")
+    print(
+        f"{lm.name}: {args.prompt!r} -> {result.answer!r}  high {result.high_score:.4f}  low {result.low_score:.4f}  "
+        f"subject tokens {start}..{end - 1}  {result.seconds:.1f} s ({args.engine})"
+    )
     for kind in kinds:
         effect = result.indirect_effect(kind)
         token, layer = np.unravel_index(np.argmax(effect), effect.shape)
-        print(f"  {kind:6s} peak {result.scores[kind][token, layer]:.4f} at token {token} {result.tokens[token]!r}, layer {layer}")
+        print(
+            f"  {kind:6s} peak {result.scores[kind][token, layer]:.4f} "
+            f"at token {token} {result.tokens[token]!r}, layer {layer}"
+        )
     return result.to_json()
