@@ -1,0 +1,115 @@
+"""`python -m core sentiment evaluate|trace`: the "I am feeling" proxy / probe on labelled texts, and the
+sentiment trace of one text."""
+
+from __future__ import annotations
+
+import argparse
+
+from tqdm import tqdm
+
+from core.commands.common import load, positive_int
+from core.errors import UserError
+
+
+class _Bar:
+    """A tqdm bar driven by progress(done, total) callbacks."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bar: tqdm | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.desc, unit="", leave=False)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _words(text: str) -> tuple[str, str]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: give two words separated by a comma, e.g. ' good,' bad'")
+    return parts[0], parts[1]
+
+
+def register(subparsers, add_common_options) -> None:
+    parser = subparsers.add_parser("sentiment", help="sentiment: the 'I am feeling' proxy, a probe, the trace")
+    sub = parser.add_subparsers(dest="sentiment_command", required=True, parser_class=type(parser))
+
+    ev = sub.add_parser("evaluate", help="fit the proxy or probe on --train, report accuracy on --test")
+    ev.add_argument("--train", required=True, help="TSV/CSV with text,label (negative/neutral/positive or 0/1)")
+    ev.add_argument("--test", required=True, help="TSV/CSV with text,label")
+    ev.add_argument("--proxy", choices=("feeling", "probe"), default="feeling")
+    ev.add_argument(
+        "--layer", type=int, default=None, help="probe layer (default: sweep all, best by cross-validation on --train)"
+    )
+    ev.add_argument("--words", type=_words, default=None, help="positive,negative word pair (default ' good,' bad')")
+    ev.add_argument("--no-cache", action="store_true", help="do not keep/reuse what the model read in the user cache")
+    add_common_options(ev)
+    ev.set_defaults(run=run_evaluate)
+
+    tr = sub.add_parser("trace", help="causal trace of the proxy's positive-class probability over one text")
+    tr.add_argument("--text", required=True)
+    tr.add_argument("--span", default=None, help="corrupt only this part of the text (default: the whole text)")
+    tr.add_argument("--train", default=None, help="fit the proxy on this TSV/CSV (default: the project's own set)")
+    tr.add_argument("--words", type=_words, default=None, help="positive,negative word pair (default ' good,' bad')")
+    tr.add_argument("--kind", choices=("hidden", "mlp", "attn", "all"), default="all")
+    tr.add_argument("--samples", type=positive_int, default=10)
+    tr.add_argument("--window", type=positive_int, default=10)
+    tr.add_argument(
+        "--max-tokens", type=positive_int, default=None, help="refuse longer prompts (cost grows with length)"
+    )
+    add_common_options(tr)
+    tr.set_defaults(run=run_trace)
+
+
+def run_evaluate(args: argparse.Namespace) -> dict:
+    from core.sentiment import DEFAULT_WORDS, evaluate, load_labelled
+
+    train = load_labelled(args.train)
+    test = load_labelled(args.test)
+    lm = load(args)
+    bar = _Bar("reading texts")
+    try:
+        report = evaluate(lm, train, test, proxy=args.proxy, layer=args.layer, words=args.words or DEFAULT_WORDS,
+                          cache=not args.no_cache, progress=bar)
+    finally:
+        bar.close()
+    result = {"model": lm.name, "train": args.train, "test": args.test, **report.as_dict()}
+    (tn, fp), (fn, tp) = report.confusion
+    speed = f"{report.texts_per_second:.1f} texts/s" if report.texts_per_second else "features from the cache"
+    where = f" at layer {report.layer}" if report.layer is not None else ""
+    print(f"{args.proxy}{where}: accuracy {report.accuracy:.3f} on {report.n} texts {report.counts}; "
+          f"confusion [[tn {tn}, fp {fp}], [fn {fn}, tp {tp}]]; {report.seconds:.1f} s, {speed}")
+    return result
+
+
+def run_trace(args: argparse.Namespace) -> dict:
+    from core.sentiment import DEFAULT_WORDS
+    from core.sentiment_trace import MAX_TRACE_TOKENS, default_proxy, trace_sentiment
+
+    if not args.text.strip():
+        raise UserError("the text is empty")
+    lm = load(args)
+    fitting = _Bar("fitting the proxy")
+    try:
+        proxy = default_proxy(lm, args.train, words=args.words or DEFAULT_WORDS, progress=fitting)
+    finally:
+        fitting.close()
+    kinds = ("hidden", "mlp", "attn") if args.kind == "all" else (args.kind,)
+    bar = _Bar("tracing")
+    try:
+        result = trace_sentiment(lm, args.text, proxy, span=args.span, kinds=kinds, samples=args.samples,
+                                 window=args.window, max_tokens=args.max_tokens or MAX_TRACE_TOKENS, progress=bar)
+    finally:
+        bar.close()
+    for kind in kinds:
+        layer, token = result.peak(kind)
+        print(f"{kind}: strongest restoration at layer {layer}, token {result.tokens[token]!r} "
+              f"(p(positive) {result.scores[kind][token, layer]:.3f})")
+    print(f"clean p(positive) {result.clean_score:.3f}, corrupted {result.corrupted_score:.3f}, {result.seconds:.1f} s")
+    return {"model": lm.name, **result.as_dict()}
