@@ -1,0 +1,245 @@
+"""Fact editor: rewrite a fact with ROME (core.rome), compare before/after, undo, export/import, trace again.
+
+The session's edits live in its session state only; every computation applies them under the model's lock and
+puts the weights back bitwise after (core.edits.applied), so other browser sessions never see them.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from core.covariance import DEFAULT_TOKENS, key_statistics, statistics_cached
+from core.edits import EditRequest, applied
+from core.errors import UserError
+from core.generation import GenerationSettings, generate
+from core.rome import RomeHyperParams, compute_edit, default_layer, validate_request
+from ui.common import (
+    HANDOFF_KEY,
+    add_edits,
+    current_model,
+    edits_file_bytes,
+    edits_from_bytes,
+    lines,
+    measure,
+    model_caption,
+    page,
+    remove_edit,
+    reset_edits,
+    session_edits,
+    show_error,
+)
+
+page("Fact editor", ":material/edit:")
+st.title("Fact editor")
+st.markdown(
+    "Rewrite one fact with **ROME**: a rank-one change of one MLP output matrix, so that the subject now leads "
+    "to the new object. Your edits stay in this browser session: nobody else's answers change."
+)
+
+lm = current_model()
+if lm is None:
+    st.stop()
+model_caption(lm)
+state = st.session_state
+layer_default = default_layer(lm)
+
+with st.form("edit_form"):
+    c1, c2, c3 = st.columns([3, 2, 2])
+    prompt = c1.text_input("Prompt with {} for the subject", "{} is located in the city of", key="edit_prompt")
+    subject = c2.text_input("Subject", "The Eiffel Tower", key="edit_subject")
+    target = c3.text_input("New object", "Rome", key="edit_target")
+    c1, c2, c3 = st.columns(3)
+    layer = c1.number_input(
+        f"Layer (default {layer_default})",
+        0,
+        lm.num_layers - 1,
+        layer_default,
+        key="edit_layer",
+        help="The MLP whose output matrix is rewritten; the default is where this model's MLP effect at the last subject token peaks.",
+    )
+    steps = c2.number_input(
+        "Optimisation steps",
+        1,
+        100,
+        RomeHyperParams.steps,
+        key="edit_steps",
+        help="Adam steps for the new value v* (stops early once the new object is likely).",
+    )
+    stats_tokens = c3.number_input(
+        "Statistics tokens",
+        1536,
+        1_000_000,
+        DEFAULT_TOKENS,
+        step=1024,
+        key="edit_stats_tokens",
+        help="Corpus positions for the key covariance C (computed once per layer and size, then cached on disk).",
+    )
+    c1, c2, c3 = st.columns(3)
+    generation_prompts = c1.text_area(
+        "Generation prompts (one per line)",
+        "The Eiffel Tower is located in the city of\nThe Eiffel Tower is right across from",
+        key="edit_generation",
+        height=110,
+    )
+    paraphrases = c2.text_area(
+        "Paraphrase checks (should change)",
+        "The Eiffel Tower stands in the city of\nWhere is the Eiffel Tower? It is in the city of",
+        key="edit_paraphrases",
+        height=110,
+    )
+    neighbours = c3.text_area(
+        "Neighbourhood checks (should not change)",
+        "The Louvre is located in the city of\nNotre-Dame Cathedral is located in the city of",
+        key="edit_neighbours",
+        height=110,
+    )
+    submitted = st.form_submit_button("Apply edit", type="primary", key="edit_apply")
+
+if submitted:
+    edits = session_edits(lm)
+    try:
+        hp = RomeHyperParams(layer=int(layer), steps=int(steps), stats_tokens=int(stats_tokens))
+        hp.check(lm)
+        with applied(lm, edits):
+            request = validate_request(lm, EditRequest(prompt, subject, target))
+        gens = lines(generation_prompts)
+        checks = [("paraphrase", p) for p in lines(paraphrases)] + [("neighbourhood", p) for p in lines(neighbours)]
+        bar = st.progress(0.0, text="measuring the model before the edit")
+        before = measure(lm, edits, request, gens, checks)
+        if not statistics_cached(lm, hp.layer, hp.stats_corpus, hp.stats_tokens):
+            bar.progress(0.05, text=f"key statistics for layer {hp.layer} (once, then cached)")
+            with applied(lm, edits):
+                key_statistics(
+                    lm,
+                    hp.layer,
+                    hp.stats_corpus,
+                    hp.stats_tokens,
+                    progress=lambda done, total: bar.progress(
+                        0.05 + 0.45 * done / max(total, 1), text=f"key statistics: {done} of {total}"
+                    ),
+                )
+        bar.progress(0.5, text="computing the edit")
+        with applied(lm, edits):
+            edit = compute_edit(
+                lm,
+                request,
+                hp,
+                progress=lambda done, total: bar.progress(
+                    0.5 + 0.4 * done / max(total, 1), text=f"computing the edit: step {done} of {total}"
+                ),
+            )
+        bar.progress(0.9, text="measuring the model after the edit")
+        after = measure(lm, edits + [edit], request, gens, checks)
+        bar.empty()
+        add_edits([edit])
+        state["edit_comparison"] = {
+            "edit_id": edit.id,
+            "request": edit.request,
+            "before": before,
+            "after": after,
+            "gens": gens,
+        }
+    except UserError as err:
+        show_error(err)
+
+comparison = state.get("edit_comparison")
+if comparison is not None and comparison["edit_id"] in {e.id for e in session_edits(lm)}:
+    request, before, after = comparison["request"], comparison["before"], comparison["after"]
+    st.subheader(f"{request.text!r}: {request.target_true!r} → {request.target_new!r}")
+    left, right = st.columns(2, gap="large")
+    for col, name, m, other in ((left, "Before", before, None), (right, "After", after, before)):
+        with col:
+            st.markdown(f"##### {name}")
+            a, b = st.columns(2)
+            a.metric(
+                f"p({request.target_new})", f"{m.p_new:.4f}", None if other is None else f"{m.p_new - other.p_new:+.4f}"
+            )
+            b.metric(
+                f"p({request.target_true})",
+                f"{m.p_true:.4f}",
+                None if other is None else f"{m.p_true - other.p_true:+.4f}",
+            )
+            for text in m.generations:
+                st.code(text, language=None, wrap_lines=True)
+    if before.checks:
+        rows = []
+        for b, a in zip(before.checks, after.checks):
+            wanted = a["p_new"] > a["p_true"] if a["check"] == "paraphrase" else a["p_true"] > a["p_new"]
+            rows.append(
+                {
+                    "check": a["check"],
+                    "prompt": a["prompt"],
+                    f"p({request.target_new}) before": b["p_new"],
+                    f"p({request.target_new}) after": a["p_new"],
+                    f"p({request.target_true}) before": b["p_true"],
+                    f"p({request.target_true}) after": a["p_true"],
+                    "as wanted": "yes" if wanted else "no",
+                }
+            )
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+        st.caption(
+            "Probabilities of multi-token objects are the mean token probability (geometric). Paraphrases should now "
+            "prefer the new object; neighbouring subjects should keep the old one."
+        )
+    if st.button("Trace the edited model again", key="edit_trace_again"):
+        state[HANDOFF_KEY] = {"prompt": request.text, "subject": request.subject}
+        st.switch_page("pages/1_Trace_explorer.py")
+
+st.divider()
+history, tools = st.columns([3, 2], gap="large")
+with history:
+    st.subheader("Edit history (this session)")
+    edits = session_edits(lm)
+    if not edits:
+        st.caption("No edit yet: the model answers as it was trained.")
+    for i, edit in enumerate(edits):
+        row = st.columns([6, 1])
+        req = edit.request
+        seconds = edit.info.get("seconds")
+        row[0].markdown(
+            f"**{i + 1}.** {req.text!r}: {req.target_true!r} → **{req.target_new!r}** · layer {edit.layer}"
+            + (f" · {seconds:.0f} s" if seconds is not None else "")
+            + f" · `{edit.id}`"
+        )
+        if row[1].button("Undo", key=f"undo_{edit.id}"):
+            remove_edit(edit.id)
+            st.rerun()
+    if edits and st.button("Reset: undo all edits", key="edit_reset"):
+        reset_edits()
+        st.rerun()
+
+with tools:
+    st.subheader("Export / import")
+    if edits:
+        st.download_button(
+            f"Export {len(edits)} edit{'s' if len(edits) != 1 else ''} (safetensors)",
+            edits_file_bytes(edits),
+            file_name="rome_edits.safetensors",
+            mime="application/octet-stream",
+            key="edit_export",
+        )
+    upload = st.file_uploader("Import edits (.safetensors from ROME Studio)", type=["safetensors"], key="edit_upload")
+    if upload is not None and st.button("Import", key="edit_import"):
+        try:
+            added = add_edits(edits_from_bytes(upload.getvalue(), lm, upload.name))
+            st.success(f"Imported {added} edit{'s' if added != 1 else ''}.")
+            st.rerun()
+        except UserError as err:
+            show_error(err)
+
+st.divider()
+st.subheader("Try the model (with this session's edits)")
+c1, c2 = st.columns([5, 1])
+try_prompt = c1.text_input(
+    "Prompt", "The Eiffel Tower is located in the city of", key="try_prompt", label_visibility="collapsed"
+)
+if c2.button("Generate", key="try_run"):
+    try:
+        with applied(lm, session_edits(lm)):
+            state["try_text"] = generate(lm, [try_prompt], GenerationSettings(max_new_tokens=20))[0]
+    except UserError as err:
+        state.pop("try_text", None)
+        show_error(err)
+if "try_text" in state:
+    st.code(state["try_text"], language=None, wrap_lines=True)

@@ -1,0 +1,323 @@
+"""The Streamlit pages, driven with streamlit.testing.v1.AppTest on the embedded model: inputs filled, buttons
+pressed, shown values checked against the library, bad input answered with one st.error and nothing changed.
+
+Kept small (few samples, one kind) so the whole file runs in a few minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from core.models import EMBEDDED_MODEL
+from ui import common
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = ["pages/1_Trace_explorer.py", "pages/2_Averages.py", "pages/3_Fact_editor.py", "pages/4_Sentiment_trace.py"]
+EIFFEL = "The Eiffel Tower is located in the city of"
+
+pytestmark = pytest.mark.slow
+
+
+def open_app(page: str | None = None, timeout: float = 600) -> AppTest:
+    """A new browser session on the home page (or `page`)."""
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=timeout).run()
+    if page:
+        at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def chart_specs(at: AppTest) -> list[str]:
+    return [c.proto.spec for c in at.get("vega_lite_chart")]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return common.load(EMBEDDED_MODEL)  # the process-wide model the pages share
+
+
+# --- pure helpers ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt, subject",
+    [
+        (EIFFEL, "The Eiffel Tower"),
+        ("Big Ben stands in the city of", "Big Ben"),
+        ("The capital of Germany is", "Germany"),
+        ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux"),
+        ("The Statue of Liberty is located in", "The Statue of Liberty"),
+        ("iPhone is made by", "iPhone"),
+        ("", ""),
+    ],
+)
+def test_suggest_subject(prompt, subject):
+    assert common.suggest_subject(prompt) == subject
+
+
+def test_result_store_forgets_the_oldest():
+    s = common.ResultStore(size=2)
+    s.put("a", 1), s.put("b", 2), s.get("a"), s.put("c", 3)
+    assert (s.get("a"), s.get("b"), s.get("c")) == (1, None, 3)
+
+
+# --- every page -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page", [None, *PAGES])
+def test_every_page_renders_without_error(page):
+    at = open_app(page)
+    assert not errors(at)
+    assert at.title[0].value
+
+
+def test_home_shows_the_model_card_and_survives_an_unknown_model(lm):
+    at = open_app()
+    shown = metrics(at)
+    assert shown["Family"] == "llama" and shown["Layers"] == str(lm.num_layers) and shown["Hidden size"] == "576"
+    assert shown["Device"] == str(lm.device) and shown["Dtype"] == "float32"
+    at.text_input[0].set_value("no-such-org/no-such-model")
+    at.button[0].click().run()
+    assert not at.exception
+    assert len(errors(at)) == 1 and "no-such-org/no-such-model" in errors(at)[0]
+    assert metrics(at)["Layers"] == str(lm.num_layers)  # still on the embedded model
+    at.switch_page("pages/1_Trace_explorer.py").run()
+    assert not errors(at) and not at.exception
+
+
+# --- trace explorer -------------------------------------------------------------------------------------------
+
+
+def test_trace_explorer_suggests_the_subject_and_fills_examples():
+    at = open_app(PAGES[0])
+    at.text_input(key="trace_prompt").set_value("The capital of Germany is").run()
+    assert at.text_input(key="trace_subject").value == "Germany"
+    at.selectbox(key="trace_example").set_value("Big Ben stands in the city of").run()
+    assert at.text_input(key="trace_prompt").value == "Big Ben stands in the city of"
+    assert at.text_input(key="trace_subject").value == "Big Ben"
+
+
+def test_trace_explorer_traces_and_shows_the_library_numbers(lm):
+    from core.tracing import trace
+
+    at = open_app(PAGES[0])
+    at.text_input(key="trace_prompt").set_value(EIFFEL).run()
+    at.multiselect(key="trace_kinds").set_value(["hidden"])
+    at.number_input(key="trace_samples").set_value(1)
+    at.button(key="trace_run").click().run()
+    assert not at.exception and not errors(at)
+    expected = trace(lm, EIFFEL, "The Eiffel Tower", kinds=[], samples=1)  # answer, high and low scores only
+    shown = metrics(at)
+    assert shown["Answer"] == repr(expected.answer) == repr(" Paris")
+    assert shown["p(answer), clean"] == f"{expected.high_score:.4f}"
+    assert shown["p(answer), subject corrupted"] == f"{expected.low_score:.4f}"
+    result = at.session_state["trace_result"]
+    assert result.scores["hidden"].shape == (len(expected.tokens), lm.num_layers)
+    # restoring the last token's state at the last layer gives back the clean answer
+    assert result.scores["hidden"][-1, -1] == pytest.approx(expected.high_score, abs=1e-4)
+    specs = chart_specs(at)
+    assert len(specs) == 1 and "Paris" in specs[0] and f"{expected.high_score:.3f}" in specs[0]
+    # the same inputs again: nothing is recomputed
+    at.button(key="trace_run").click().run()
+    assert at.session_state["trace_result"].scores["hidden"] is result.scores["hidden"]
+
+
+@pytest.mark.parametrize(
+    "prompt, subject, message",
+    [
+        ("", "x", "the prompt is empty"),
+        (EIFFEL, "Louvre", "does not occur in the prompt"),
+    ],
+)
+def test_trace_explorer_bad_input(prompt, subject, message):
+    at = open_app(PAGES[0])
+    at.text_input(key="trace_prompt").set_value(prompt).run()
+    at.text_input(key="trace_subject").set_value(subject)
+    at.button(key="trace_run").click().run()
+    assert not at.exception
+    assert len(errors(at)) == 1 and message in errors(at)[0]
+    assert "trace_result" not in at.session_state
+    at.multiselect(key="trace_kinds").set_value([])
+    at.text_input(key="trace_prompt").set_value(EIFFEL).run()
+    at.button(key="trace_run").click().run()
+    assert errors(at) == ["choose at least one kind to trace"]
+
+
+# --- averages -------------------------------------------------------------------------------------------------
+
+
+def test_averages_on_one_fact(lm):
+    at = open_app(PAGES[1])
+    at.number_input(key="aie_limit").set_value(1)
+    at.number_input(key="aie_samples").set_value(1)
+    at.multiselect(key="aie_kinds").set_value(["hidden"])
+    at.button(key="aie_run").click().run()
+    assert not at.exception and not errors(at)
+    result = at.session_state["aie_result"]
+    shown = metrics(at)
+    assert shown["Facts averaged"] == "1" == str(result.n)
+    assert shown["Skipped (not known)"] == str(result.skipped)
+    assert np.array(result.tables["hidden"]).shape == (6, lm.num_layers)
+    assert len(chart_specs(at)) == 1
+    category, layer, effect = result.peak("hidden")
+    assert any(f"layer **{layer}**" in c.value for c in at.caption)
+
+
+def test_averages_bad_files():
+    at = open_app(PAGES[1])
+    at.radio(key="aie_source").set_value("Upload a facts file (JSON)").run()
+    at.button(key="aie_run").click().run()
+    assert errors(at) == ["upload a facts file first"]
+    at.file_uploader(key="aie_upload").set_value(("facts.json", b"{not json", "application/json")).run()
+    at.button(key="aie_run").click().run()
+    assert len(errors(at)) == 1 and "'facts.json' is not valid JSON" in errors(at)[0]
+    unknown = b'[{"subject": "Zorblax", "prompt": "Zorblax was born in the city of", "attribute": "Qwertyville"}]'
+    at.file_uploader(key="aie_upload").set_value(("facts.json", unknown, "application/json")).run()
+    at.button(key="aie_run").click().run()
+    assert len(errors(at)) == 1 and "predicts none" in errors(at)[0]
+    assert not at.exception
+
+
+# --- fact editor ----------------------------------------------------------------------------------------------
+
+
+def try_text(at: AppTest) -> str:
+    at.text_input(key="try_prompt").set_value(EIFFEL)
+    at.button(key="try_run").click().run()
+    return at.code[-1].value
+
+
+@pytest.mark.parametrize(
+    "prompt, subject, target, message",
+    [
+        ("{} is located in the city of", "The Eiffel Tower", "Paris", "already answers"),
+        ("{} is located in the city of", "", "Rome", "the subject is empty"),
+        ("The Louvre is located in the city of", "The Eiffel Tower", "Rome", "does not occur"),
+        ("{} is located in the city of", "The Eiffel Tower", " ", "the new target is empty"),
+    ],
+)
+def test_fact_editor_bad_input_changes_nothing(prompt, subject, target, message):
+    at = open_app(PAGES[2])
+    at.text_input(key="edit_prompt").set_value(prompt)
+    at.text_input(key="edit_subject").set_value(subject)
+    at.text_input(key="edit_target").set_value(target)
+    at.button(key="edit_apply").click().run()
+    assert not at.exception
+    assert len(errors(at)) == 1 and message in errors(at)[0]
+    assert at.session_state["edits"] == []
+
+
+def test_fact_editor_edit_undo_isolation_export_import_and_trace_again(lm):
+    from core.edits import _weight
+    from core.rome import default_layer
+
+    original = _weight(lm, default_layer(lm)).detach().clone()
+    a = open_app(PAGES[2])
+    b = open_app(PAGES[2])  # a second browser session
+    a.number_input(key="edit_stats_tokens").set_value(4096)  # small statistics keep the test short
+    a.button(key="edit_apply").click().run()
+    assert not a.exception and not errors(a)
+    (edit,) = a.session_state["edits"]
+    assert edit.request.target_true == "Paris" and edit.layer == a.number_input(key="edit_layer").value
+    shown = [(m.label, m.value) for m in a.metric]
+    (_, p_new_before), (_, p_true_before), (_, p_new_after), (_, p_true_after) = shown
+    assert shown[0][0] == "p(Rome)" and shown[1][0] == "p(Paris)"
+    assert float(p_new_after) > 0.5 > float(p_true_after) and float(p_true_before) > float(p_new_before)
+    texts = [c.value for c in a.code]
+    assert texts[0].startswith(EIFFEL) and "Paris" in texts[0]  # before
+    assert "Rome" in texts[len(texts) // 2]  # after, first generation prompt
+    table = a.dataframe[0].value
+    assert torch.equal(_weight(lm, edit.layer), original)  # the shared weights carry no edit between runs
+    assert list(table["check"]) == ["paraphrase", "paraphrase", "neighbourhood", "neighbourhood"]
+
+    # the other session does not see the edit; this one does
+    assert "Paris" in try_text(b) and "Rome" not in try_text(b)
+    assert "Rome" in try_text(a)
+    assert b.session_state["edits"] == []
+
+    # export from A, import into B; a wrong file is refused
+    data = common.edits_file_bytes(a.session_state["edits"])
+    b.file_uploader(key="edit_upload").set_value(
+        ("bad.safetensors", b"not a safetensors file", "application/octet-stream")
+    ).run()
+    b.button(key="edit_import").click().run()
+    assert len(errors(b)) == 1 and "'bad.safetensors'" in errors(b)[0] and b.session_state["edits"] == []
+    b.file_uploader(key="edit_upload").set_value(("rome_edits.safetensors", data, "application/octet-stream")).run()
+    b.button(key="edit_import").click().run()
+    assert [e.id for e in b.session_state["edits"]] == [edit.id]
+    assert "Rome" in try_text(b)
+    b.button(key="edit_reset").click().run()
+    assert b.session_state["edits"] == [] and "Paris" in try_text(b)
+
+    # trace the edited model again: the trace explorer now answers Rome
+    a.session_state["trace_kinds"] = ["hidden"]
+    a.session_state["trace_samples"] = 1
+    a.button(key="edit_trace_again").click().run()
+    assert not a.exception and not errors(a)
+    assert metrics(a)["Answer"] == repr(" Rome")
+    assert a.session_state["trace_result"].subject == "The Eiffel Tower"
+
+    # undo on the editor page: the model is back to Paris
+    a.switch_page(PAGES[2]).run()
+    a.button(key=f"undo_{edit.id}").click().run()
+    assert a.session_state["edits"] == [] and "Paris" in try_text(a)
+    assert torch.equal(_weight(lm, edit.layer), original)
+
+
+# --- sentiment trace ------------------------------------------------------------------------------------------
+
+
+def test_sentiment_fit_and_trace(lm):
+    from core.sentiment_trace import trace_sentiment
+
+    at = open_app(PAGES[3])
+    assert at.button(key="sent_run").disabled
+    at.button(key="sent_fit").click().run()
+    assert not at.exception and not errors(at)
+    _, report, proxy, _ = at.session_state["sent_proxy"]
+    shown = metrics(at)
+    assert shown["Test accuracy"] == f"{report.accuracy:.1%}" and report.accuracy > 0.6
+    assert shown["Test texts"] == str(report.n) == str(sum(map(sum, report.confusion)))
+    assert len(chart_specs(at)) == 1  # the confusion matrix
+
+    text = "I love this song."
+    at.text_input(key="sent_text").set_value(text)
+    at.multiselect(key="sent_kinds").set_value(["hidden"])
+    at.number_input(key="sent_samples").set_value(1)
+    at.button(key="sent_run").click().run()
+    assert not at.exception and not errors(at)
+    expected = trace_sentiment(lm, text, proxy, kinds=[], samples=1)  # clean and corrupted scores only
+    shown = metrics(at)
+    assert shown["p(positive), clean"] == f"{expected.clean_score:.4f}"
+    assert shown["p(positive), text corrupted"] == f"{expected.corrupted_score:.4f}"
+    trace = at.session_state["sent_trace"]
+    assert trace.scores["hidden"].shape == (len(expected.tokens), lm.num_layers)
+    assert len(chart_specs(at)) == 2 and any("p(positive) after restoring" in s for s in chart_specs(at))
+
+    at.text_input(key="sent_text").set_value("   ")
+    at.button(key="sent_run").click().run()
+    assert errors(at) == ["the text is empty"] and not at.exception
+
+
+def test_sentiment_bad_files():
+    at = open_app(PAGES[3])
+    at.radio(key="sent_source").set_value("Upload a CSV/TSV file").run()
+    at.button(key="sent_fit").click().run()
+    assert errors(at) == ["upload a CSV or TSV file first"]
+    at.file_uploader(key="sent_upload").set_value(("tweets.csv", b"words,mood\nhello,1\n", "text/csv")).run()
+    at.button(key="sent_fit").click().run()
+    assert len(errors(at)) == 1 and "'text' and 'label'" in errors(at)[0]
+    assert "sent_proxy" not in at.session_state and not at.exception

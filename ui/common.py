@@ -1,0 +1,427 @@
+"""What every page shares: the model (loaded once per process), the session's edits, a results store, and
+the calls into core/ that pages make with this session's edits applied (under the model's lock, weights
+restored bitwise after: core.edits.applied), so one browser session's edits never reach another's answers.
+
+Nothing here computes anything the library does not: it only calls core/ and remembers results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from core.edits import Edit, EditRequest, applied, export_edits, import_edits
+from core.errors import UserError
+from core.models import EMBEDDED_MODEL, LoadedModel, load_model
+
+MODEL_KEY = "model_name"
+EDITS_KEY = "edits"
+HANDOFF_KEY = "trace_handoff"  # the fact editor's "trace again" -> the trace explorer's inputs
+
+Progress = Callable[[float, str], None]  # (fraction 0..1, text)
+
+
+# --- page frame ---------------------------------------------------------------------------------------------
+
+
+def page(title: str, icon: str = ":material/search:") -> None:
+    st.set_page_config(page_title=f"{title} · ROME Studio", page_icon=icon, layout="wide")
+
+
+def show_error(err: Exception) -> None:
+    """One sentence in a red box; the page goes on."""
+    st.error(str(err), icon=":material/error:")
+
+
+# --- the model ----------------------------------------------------------------------------------------------
+
+
+@st.cache_resource(show_spinner=False, max_entries=3)
+def _load(name: str) -> LoadedModel:
+    return load_model(name)
+
+
+def model_name() -> str:
+    return st.session_state.get(MODEL_KEY, EMBEDDED_MODEL)
+
+
+def load(name: str) -> LoadedModel:
+    """The model `name`, loaded once per process (raises UserError)."""
+    name = name.strip()
+    if not name:
+        raise UserError("give a model name: a Hugging Face id or a local folder")
+    return _load(name)
+
+
+def current_model() -> LoadedModel | None:
+    """This session's model, or None after showing why it could not be loaded."""
+    name = model_name()
+    try:
+        with st.spinner(f"Loading {name} …"):
+            return load(name)
+    except UserError as err:
+        show_error(err)
+        return None
+
+
+def model_caption(lm: LoadedModel) -> None:
+    edits = session_edits(lm)
+    note = f" · **{len(edits)} edit{'s' if len(edits) != 1 else ''} of this session applied**" if edits else ""
+    st.caption(f"Model **{lm.name}** ({lm.arch.family}, {lm.num_layers} layers, {lm.device}){note}")
+
+
+# --- this session's edits -----------------------------------------------------------------------------------
+
+
+def all_session_edits() -> list[Edit]:
+    return st.session_state.setdefault(EDITS_KEY, [])
+
+
+def session_edits(lm: LoadedModel) -> list[Edit]:
+    """The session's edits made for this model, in the order they were made."""
+    return [e for e in all_session_edits() if e.model == lm.name]
+
+
+def edit_ids(lm: LoadedModel) -> tuple[str, ...]:
+    return tuple(e.id for e in session_edits(lm))
+
+
+def add_edits(edits: Sequence[Edit]) -> int:
+    """Append edits not already there (by id); returns how many were added."""
+    current = all_session_edits()
+    known = {e.id for e in current}
+    new = [e for e in edits if e.id not in known]
+    current.extend(new)
+    return len(new)
+
+
+def remove_edit(edit_id: str) -> None:
+    st.session_state[EDITS_KEY] = [e for e in all_session_edits() if e.id != edit_id]
+
+
+def reset_edits() -> None:
+    st.session_state[EDITS_KEY] = []
+
+
+def edits_file_bytes(edits: Sequence[Edit]) -> bytes:
+    with tempfile.TemporaryDirectory() as folder:
+        path = export_edits(edits, Path(folder) / "edits.safetensors")
+        return path.read_bytes()
+
+
+def edits_from_bytes(data: bytes, lm: LoadedModel, name: str = "upload") -> list[Edit]:
+    """Edits from an uploaded file (raises UserError naming the upload)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "edits.safetensors"
+        path.write_bytes(data)
+        try:
+            return import_edits(path, lm)
+        except UserError as err:
+            raise UserError(str(err).replace(repr(str(path)), repr(name))) from None
+
+
+# --- inputs -------------------------------------------------------------------------------------------------
+
+_CONNECTORS = {"of", "the", "de", "del", "da", "di", "von", "van", "and", "&", "la", "le", "du"}
+_ARTICLES = {"The", "A", "An"}
+
+
+def suggest_subject(prompt: str) -> str:
+    """A first guess at the subject: the first run of capitalised words (small connectors such as "of"
+    allowed inside, a leading "The" kept), e.g. "The Eiffel Tower is located in" -> "The Eiffel Tower",
+    "The capital of Germany is" -> "Germany". Falls back to the first word."""
+    words = re.findall(r"\S+", prompt or "")
+    runs: list[list[str]] = []
+    current: list[str] = []
+    for word in words:
+        clean = word.strip(".,;:!?\"'()")
+        if clean[:1].isupper() or clean[:1].isdigit():
+            current.append(clean)
+        elif current and clean.lower() in _CONNECTORS and clean == word:
+            current.append(clean)
+        else:
+            if current:
+                runs.append(current)
+            current = []
+        if clean != word and current:  # punctuation ends a run
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    for run in runs:
+        while run and run[-1].lower() in _CONNECTORS:
+            run.pop()
+        if run and not (len(run) == 1 and run[0] in _ARTICLES):
+            return " ".join(run)
+    return words[0].strip(".,;:!?\"'()") if words else ""
+
+
+# --- a process-wide store of results ------------------------------------------------------------------------
+
+
+class ResultStore:
+    """Results by input key (LRU, thread-safe): a rerun with the same inputs, model and edits is instant."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            return None
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+@st.cache_resource(show_spinner=False)
+def store() -> ResultStore:
+    return ResultStore()
+
+
+def digest(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode("utf-8") if isinstance(data, str) else data).hexdigest()[:16]
+
+
+# --- tracing ------------------------------------------------------------------------------------------------
+
+
+def default_noise(lm: LoadedModel) -> float:
+    """3 x the embedding std (edits never touch the embeddings, so no lock is needed)."""
+    from core.tracing import noise_scale
+
+    return float(noise_scale(lm))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _svg(spec: str) -> str:
+    import vl_convert
+
+    return vl_convert.vegalite_to_svg(spec)
+
+
+def chart_svg(chart) -> str:
+    """core.charts.to_svg, remembered per chart."""
+    return _svg(chart.to_json())
+
+
+def trace_progressively(
+    lm: LoadedModel,
+    prompt: str,
+    subject: str,
+    kinds: Sequence[str],
+    *,
+    samples: int,
+    noise: float | None,
+    window: int,
+    on_kind: Callable[[object, str], None] | None = None,
+    progress: Progress | None = None,
+):
+    """core.tracing's trace (noise None: the library's default scale) with this session's edits, one kind at
+    a time, each drawn by `on_kind(result, kind)` as soon as it is done; every kind's table is kept, so asking
+    again is instant."""
+    from core.tracing import TraceResult, prepare, result_from, trace_kind
+
+    edits = session_edits(lm)
+    key = (
+        "trace",
+        lm.name,
+        edit_ids(lm),
+        prompt,
+        subject,
+        int(samples),
+        None if noise is None else float(noise),
+        int(window),
+    )
+    kept: TraceResult | None = store().get(key)
+    missing = [k for k in kinds if kept is None or k not in kept.scores]
+    setup = None
+    if missing:
+        started = time.perf_counter()
+        with applied(lm, edits):
+            setup = prepare(lm, prompt, subject, samples=samples, noise=noise, window=window)
+        if kept is None:
+            kept = result_from(setup, {}, "fast", time.perf_counter() - started, {})
+            store().put(key, kept)
+    for k, kind in enumerate(kinds):
+        if kind not in kept.scores:
+            kind_start = time.perf_counter()
+
+            def tick(done: int, total: int, k: int = k, kind: str = kind) -> None:
+                if progress:
+                    progress((k + done / total) / len(kinds), f"{kind}: token {done} of {total}")
+
+            with applied(lm, edits):
+                table = trace_kind(setup, kind, "fast", tick)
+            kept.scores[kind] = table
+            kept.kind_seconds[kind] = time.perf_counter() - kind_start
+            kept.seconds += kept.kind_seconds[kind]
+        if progress:
+            progress((k + 1) / len(kinds), f"{kind} done")
+        if on_kind:
+            on_kind(kept, kind)
+    return replace(
+        kept, scores={k: kept.scores[k] for k in kinds}, kind_seconds={k: kept.kind_seconds.get(k, 0.0) for k in kinds}
+    )
+
+
+def run_aie(
+    lm: LoadedModel,
+    facts,
+    facts_key: str,
+    *,
+    limit: int,
+    samples: int,
+    kinds: Sequence[str],
+    progress: Progress | None = None,
+):
+    """core.aie.average_indirect_effect with this session's edits, remembered per input."""
+    from core.aie import average_indirect_effect
+
+    key = ("aie", lm.name, edit_ids(lm), facts_key, int(limit), int(samples), tuple(kinds))
+    kept = store().get(key)
+    if kept is not None:
+        return kept
+
+    def tick(done: int, total: int) -> None:
+        if progress:
+            progress(done / max(total, 1), f"fact {done} of {total} traced")
+
+    with applied(lm, session_edits(lm)):
+        result = average_indirect_effect(lm, facts, limit=limit, samples=samples, kinds=kinds, progress=tick)
+    store().put(key, result)
+    return result
+
+
+# --- editing ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measures:
+    """What the editor shows for one state of the model (before or after an edit)."""
+
+    p_new: float
+    p_true: float
+    generations: list[str]
+    checks: list[dict]  # {"check", "prompt", "p_new", "p_true"}
+
+
+def measure(
+    lm: LoadedModel,
+    edits: Sequence[Edit],
+    request: EditRequest,
+    generation_prompts: Sequence[str],
+    checks: Sequence[tuple[str, str]],
+    max_new_tokens: int = 30,
+) -> Measures:
+    """P(new), P(true) on the request, greedy text, and each (check, prompt)'s probabilities, with `edits`."""
+    from core.evaluation import target_log_probs
+    from core.generation import GenerationSettings, generate
+
+    prompts = [request.text] + [prompt for _, prompt in checks]
+    with applied(lm, edits):
+        new = np.exp(target_log_probs(lm, prompts, [request.target_new] * len(prompts)))
+        true = np.exp(target_log_probs(lm, prompts, [request.target_true] * len(prompts)))
+        texts = generate(lm, list(generation_prompts), GenerationSettings(max_new_tokens=max_new_tokens))
+    rows = [
+        {"check": check, "prompt": prompt, "p_new": float(new[i + 1]), "p_true": float(true[i + 1])}
+        for i, (check, prompt) in enumerate(checks)
+    ]
+    return Measures(float(new[0]), float(true[0]), texts, rows)
+
+
+def lines(text: str) -> list[str]:
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+# --- sentiment ----------------------------------------------------------------------------------------------
+
+
+def fit_proxy(lm: LoadedModel, data: bytes | None, name: str, progress: Progress | None = None):
+    """Fit the "I am feeling" proxy on 70% of the labelled texts (the project's set when `data` is None) and
+    report on the other 30%; returns (SentimentReport, FeelingProxy). Remembered per file and model."""
+    from sklearn.model_selection import train_test_split
+
+    from core.sentiment import FeelingProxy, evaluate, load_labelled, project_texts_path
+
+    if data is None:
+        data, name = project_texts_path().read_bytes(), "data/sentiment_texts.tsv"
+    key = ("proxy", lm.name, edit_ids(lm), digest(data))
+    kept = store().get(key)
+    if kept is not None:
+        return kept
+    texts = load_labelled(data, name=name)
+    counts = texts.counts()
+    if min(counts.values()) < 2:
+        raise UserError(f"the data file {name!r} needs at least 2 positive and 2 negative texts")
+    index = np.arange(len(texts))
+    train, test = train_test_split(index, test_size=0.3, random_state=0, stratify=texts.labels)
+
+    def tick(done: int, total: int) -> None:
+        if progress:
+            progress(done / max(total, 1), f"read {done} of {total} texts")
+
+    with applied(lm, session_edits(lm)):
+        report = evaluate(lm, texts.subset(train), texts.subset(test), "feeling", cache=True, progress=tick)
+    result = (report, FeelingProxy.from_dict(report.reader))
+    store().put(key, result)
+    return result
+
+
+def trace_sentiment_progressively(
+    lm: LoadedModel,
+    text: str,
+    proxy,
+    kinds: Sequence[str],
+    *,
+    samples: int,
+    window: int,
+    on_kind: Callable[[object, str], None] | None = None,
+    progress: Progress | None = None,
+):
+    """core.sentiment_trace.trace_sentiment one kind at a time (each drawn as soon as it is done)."""
+    from core.sentiment_trace import trace_sentiment
+
+    proxy_key = digest(json.dumps(proxy.to_dict(), sort_keys=True))
+    merged = None
+    for k, kind in enumerate(kinds):
+        key = ("sentiment", lm.name, edit_ids(lm), proxy_key, text.strip(), kind, int(samples), int(window))
+        one = store().get(key)
+        if one is None:
+
+            def tick(done: int, total: int, k: int = k, kind: str = kind) -> None:
+                if progress:
+                    progress((k + done / total) / len(kinds), f"{kind}: token {done} of {total}")
+
+            with applied(lm, session_edits(lm)):
+                one = trace_sentiment(lm, text, proxy, kinds=[kind], samples=samples, window=window, progress=tick)
+            store().put(key, one)
+        if merged is None:
+            merged = replace(one, scores=dict(one.scores))
+        else:
+            merged.scores[kind] = one.scores[kind]
+            merged.seconds += one.seconds
+        if progress:
+            progress((k + 1) / len(kinds), f"{kind} done")
+        if on_kind:
+            on_kind(merged, kind)
+    return merged
