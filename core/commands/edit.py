@@ -1,0 +1,94 @@
+"""`python -m core edit`: make one ROME edit and show the model's answers and text before and after."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+from tqdm import tqdm
+
+from core.commands.common import load, positive_int
+from core.covariance import CORPORA, DEFAULT_CORPUS, DEFAULT_TOKENS
+from core.edits import EditRequest, applied, export_edits
+from core.evaluation import target_log_probs
+from core.generation import MAX_NEW_TOKENS, GenerationSettings, generate
+from core.rome import KEY_TOKENS, RomeHyperParams, compute_edit, validate_request
+
+
+def register(subparsers, add_common_options) -> None:
+    parser = subparsers.add_parser("edit", help="edit one fact with ROME and show before/after")
+    parser.add_argument("--prompt", required=True, help='prompt with {} for the subject, e.g. "{} is located in the city of"')
+    parser.add_argument("--subject", required=True)
+    parser.add_argument("--target", required=True, help="the new object, e.g. Rome")
+    parser.add_argument("--layer", type=int, default=None, help="edit layer (default: the model's default)")
+    parser.add_argument("--generate", nargs="+", default=[], metavar="TEXT", help="prompts to continue before/after")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=30, help=f"per generation (at most {MAX_NEW_TOKENS})")
+    parser.add_argument("--sample", action="store_true", help="seeded sampling instead of greedy text")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--key-token", choices=KEY_TOKENS, default=RomeHyperParams.key_token)
+    parser.add_argument("--corpus", choices=CORPORA, default=DEFAULT_CORPUS, help="covariance statistics corpus")
+    parser.add_argument("--stats-tokens", type=positive_int, default=DEFAULT_TOKENS, help="corpus tokens for the statistics")
+    parser.add_argument("--export", metavar="FILE", help="also write the edit (safetensors + JSON metadata)")
+    add_common_options(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> dict:
+    lm = load(args)
+    request = EditRequest(args.prompt, args.subject, args.target)
+    hp = RomeHyperParams(
+        layer=args.layer, key_token=args.key_token, stats_corpus=args.corpus, stats_tokens=args.stats_tokens
+    )
+    hp.check(lm)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, sample=args.sample, seed=args.seed)
+    settings.check()
+    request = validate_request(lm, request)  # before any work: bad input never half-edits
+
+    def probabilities() -> tuple[float, float]:
+        lp = target_log_probs(lm, [request.text] * 2, [request.target_new, request.target_true])
+        return float(np.exp(lp[0])), float(np.exp(lp[1]))
+
+    p_new_before, p_true_before = probabilities()
+    before = generate(lm, args.generate, settings)
+    with tqdm(total=1, desc="edit", unit="step", leave=False) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        edit = compute_edit(lm, request, hp, progress=progress)
+    with applied(lm, [edit]):
+        p_new_after, p_true_after = probabilities()
+        after = generate(lm, args.generate, settings)
+    if args.export:
+        export_edits([edit], args.export)
+    info = edit.info
+    print(f"{request.text!r}: {request.target_true!r} -> {request.target_new.strip()!r} at layer {edit.layer}")
+    print(f"  p(new)  {p_new_before:.4f} -> {p_new_after:.4f}")
+    print(f"  p(true) {p_true_before:.4f} -> {p_true_after:.4f}")
+    print(f"  edit {info['seconds']:.1f} s ({info['steps']} steps), statistics {info['stats_seconds']:.1f} s")
+    for b, a in zip(before, after):
+        print(f"  before: {b!r}\n  after:  {a!r}")
+    return {
+        "model": lm.name,
+        "prompt": request.prompt,
+        "subject": request.subject,
+        "target_new": request.target_new,
+        "target_true": request.target_true,
+        "layer": edit.layer,
+        "key_token": hp.key_token,
+        "p_new_before": p_new_before,
+        "p_true_before": p_true_before,
+        "p_new_after": p_new_after,
+        "p_true_after": p_true_after,
+        "generate": args.generate,
+        "generations_before": before,
+        "generations_after": after,
+        "seconds": info["seconds"],
+        "stats_seconds": info["stats_seconds"],
+        "steps": info["steps"],
+        "losses": info["losses"],
+        "edit_id": edit.id,
+        "exported": args.export,
+    }

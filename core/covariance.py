@@ -1,0 +1,254 @@
+"""Key statistics for ROME: C = E[k k^T] of the keys (inputs of the MLP output projection) at one layer.
+
+Computed once per (model, layer, corpus, size) and cached as safetensors under
+`core.models.cache_dir() / "stats"`; the corpus is cached there too.
+
+Corpora:
+- `generated` (default, offline): text the model samples itself from its start-of-text token, seeded.
+  No download, no data file, works for any model on a fresh machine, and the keys come from the model's
+  own distribution of text (what its MLPs see most), which is what C is meant to summarise.
+- `wikitext`: WikiText-103 through the optional `datasets` package when the user has it (the paper used
+  Wikipedia); a clear error when the package or its data is missing.
+- `identity`: no corpus, C = I (plain least squares; measured against `generated` in bench/edit.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from core.errors import UserError
+from core.generation import cache_of
+from core.models import LoadedModel, cache_dir
+
+CORPORA = ("generated", "wikitext", "identity")
+DEFAULT_CORPUS = "generated"
+DEFAULT_TOKENS = 16_384  # keys per statistic: >10x the embedded model's key size (1536); measured 142 s CPU (1 thread)
+SEQUENCE_LENGTH = 128
+GENERATION_SEED = 1234
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class KeyStatistics:
+    """Second moment of the keys at one layer; `count` keys went into it."""
+
+    layer: int
+    corpus: str
+    tokens: int
+    mom2: torch.Tensor  # (in_features, in_features), float32
+    count: int
+    seconds: float  # time spent computing it now (0 when read from the cache)
+    cached: bool
+
+    def covariance(self) -> torch.Tensor:
+        return self.mom2
+
+
+def _model_slug(lm: LoadedModel) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", lm.name).strip("_") or "model"
+    if lm.source in ("memory", "random"):  # in-memory models: tell apart by their weights, not only the name
+        w = lm.model.get_submodule(lm.arch.embed).weight
+        digest = hashlib.sha1(w.detach().float().cpu().numpy().tobytes()[:65536]).hexdigest()[:10]
+        slug = f"{slug}-{digest}"
+    return slug
+
+
+def stats_folder(lm: LoadedModel) -> Path:
+    return cache_dir() / "stats" / _model_slug(lm)
+
+
+def stats_path(lm: LoadedModel, layer: int, corpus: str, tokens: int) -> Path:
+    return stats_folder(lm) / f"mom2_layer{layer}_{corpus}_{tokens}.safetensors"
+
+
+def _check(corpus: str, tokens: int) -> None:
+    if corpus not in CORPORA:
+        raise UserError(f"unknown corpus {corpus!r}: use one of {', '.join(CORPORA)}")
+    if tokens < 1:
+        raise UserError(f"the statistics need at least 1 token (got {tokens})")
+
+
+# --- corpora -----------------------------------------------------------------------------------------------
+
+
+def _start_token(lm: LoadedModel) -> int:
+    tok = lm.tokenizer
+    for candidate in (tok.bos_token_id, tok.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def generated_corpus(lm: LoadedModel, tokens: int, progress: Progress | None = None) -> torch.Tensor:
+    """(sequences, SEQUENCE_LENGTH) token ids the model samples itself (seeded, plain sampling at T=1),
+    cached on disk so every layer's statistics see the same text."""
+    length = min(SEQUENCE_LENGTH, tokens)
+    sequences = -(-tokens // length)
+    path = stats_folder(lm) / f"corpus_generated_{sequences}x{length}_seed{GENERATION_SEED}.safetensors"
+    if path.exists():
+        return safetensors.torch.load_file(str(path))["input_ids"]
+    batch = 64
+    start = _start_token(lm)
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(GENERATION_SEED)
+        for first in range(0, sequences, batch):
+            rows = min(batch, sequences - first)
+            ids = torch.full((rows, 1), start, dtype=torch.long, device=lm.device)
+            out.append(_sample(lm, ids, length, progress, done_before=first * length, total=sequences * length))
+    corpus = torch.cat(out)[:, :length].contiguous().cpu()
+    _save(path, {"input_ids": corpus}, {"corpus": "generated", "seed": str(GENERATION_SEED)})
+    return corpus
+
+
+def _sample(lm: LoadedModel, ids: torch.Tensor, length: int, progress, done_before: int, total: int) -> torch.Tensor:
+    """Plain ancestral sampling with a key/value cache; returns `length` tokens per row after the start."""
+    rows = ids.shape[0]
+    generated = []
+    past = None
+    current = ids
+    with torch.no_grad():
+        for step in range(length):
+            out = lm.model(input_ids=current, cache=past, use_cache=True)
+            past = cache_of(out)
+            probs = torch.softmax(out.logits[:, -1].float(), dim=-1)
+            current = torch.multinomial(probs, 1)
+            generated.append(current)
+            if progress and (step % 8 == 7 or step == length - 1):
+                progress(min(total, done_before + rows * (step + 1)), total)
+    return torch.cat(generated, dim=1)
+
+
+def wikitext_corpus(lm: LoadedModel, tokens: int) -> torch.Tensor:
+    try:
+        import datasets  # optional: only when the user has it
+    except ImportError:
+        raise UserError("the wikitext corpus needs the `datasets` package: pip install datasets") from None
+    try:
+        data = datasets.load_dataset("wikitext", "wikitext-103-raw-v1", split="train")
+    except Exception as err:  # no data offline, or a broken install
+        raise UserError(f"cannot load WikiText through `datasets` ({str(err).splitlines()[0]})") from None
+    length = min(SEQUENCE_LENGTH, tokens)
+    rows, need = [], -(-tokens // length)
+    for record in data:
+        text = record["text"].strip()
+        if len(text) < 200:
+            continue
+        ids = lm.tokenizer(text)["input_ids"][:length]
+        if len(ids) == length:
+            rows.append(ids)
+        if len(rows) >= need:
+            break
+    if not rows:
+        raise UserError("WikiText gave no text long enough for the statistics")
+    return torch.tensor(rows)
+
+
+# --- statistics --------------------------------------------------------------------------------------------
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".partial-{time.time_ns()}")
+    safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)  # atomic: a cache file is never half-written
+
+
+class _Stop(Exception):
+    """Raised by a hook once the keys are recorded: the layers above are not needed."""
+
+
+def layer_keys(lm: LoadedModel, layer: int, input_ids: torch.Tensor) -> torch.Tensor:
+    """The keys (inputs of the MLP output projection) at `layer` for every position: (batch, positions, in),
+    running the model only up to that layer."""
+    module = lm.model.get_submodule(lm.arch.layer_name(lm.model, layer, "mlp_out"))
+    seen: list[torch.Tensor] = []
+
+    def hook(mod, inputs):
+        seen.append(inputs[0].detach())
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            lm.model(input_ids=input_ids.to(lm.device), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _key_second_moment(lm: LoadedModel, layer: int, corpus: torch.Tensor, tokens: int, progress) -> tuple[torch.Tensor, int]:
+    """Mean of k k^T over the first `tokens` positions of the corpus (accumulated in float64)."""
+    size = lm.arch.mlp_out_weight(lm.model, layer).shape[1]
+    mom2 = torch.zeros(size, size, dtype=torch.float64, device=lm.device)
+    count, batch = 0, 16
+    rows_needed = corpus[: -(-tokens // corpus.shape[1])]
+    for first in range(0, rows_needed.shape[0], batch):
+        keys = layer_keys(lm, layer, rows_needed[first : first + batch]).reshape(-1, size).double()
+        keys = keys[: tokens - count]
+        mom2 += keys.T @ keys
+        count += keys.shape[0]
+        if progress:
+            progress(count, tokens)
+    return (mom2 / max(count, 1)).float(), count
+
+
+def key_statistics(
+    lm: LoadedModel,
+    layer: int,
+    corpus: str = DEFAULT_CORPUS,
+    tokens: int = DEFAULT_TOKENS,
+    progress: Progress | None = None,
+) -> KeyStatistics:
+    """E[k k^T] at `layer` over `tokens` corpus positions, from the disk cache when present."""
+    _check(corpus, tokens)
+    if not 0 <= layer < lm.num_layers:
+        raise UserError(f"layer {layer} is outside the model's {lm.num_layers} layers")
+    size = lm.arch.mlp_out_weight(lm.model, layer).shape[1]
+    if corpus == "identity":
+        eye = torch.eye(size, device=lm.device)
+        return KeyStatistics(layer, corpus, 0, eye, 0, 0.0, cached=True)
+    memo = lm.extra.setdefault("key_statistics", {})
+    key = (layer, corpus, tokens)
+    if key in memo:
+        return memo[key]
+    path = stats_path(lm, layer, corpus, tokens)
+    if path.exists():
+        loaded = safetensors.torch.load_file(str(path), device=str(lm.device))
+        stats = KeyStatistics(layer, corpus, tokens, loaded["mom2"], int(loaded["count"]), 0.0, cached=True)
+        memo[key] = stats
+        return stats
+    start = time.perf_counter()
+    # progress: the first half is making the corpus (when not cached), the second the keys
+    half = (lambda done, total: progress(done, 2 * total)) if progress else None
+    second = (lambda done, total: progress(total + done, 2 * total)) if progress else None
+    text = generated_corpus(lm, tokens, half) if corpus == "generated" else wikitext_corpus(lm, tokens)
+    mom2, count = _key_second_moment(lm, layer, text, tokens, second)
+    _save(
+        path,
+        {"mom2": mom2.cpu().contiguous(), "count": torch.tensor(count)},
+        {"model": lm.name, "layer": str(layer), "corpus": corpus, "tokens": str(tokens)},
+    )
+    stats = KeyStatistics(layer, corpus, tokens, mom2, count, time.perf_counter() - start, cached=False)
+    memo[key] = stats
+    return stats
+
+
+def statistics_cached(lm: LoadedModel, layer: int, corpus: str = DEFAULT_CORPUS, tokens: int = DEFAULT_TOKENS) -> bool:
+    """Whether `key_statistics` would return at once (no corpus pass)."""
+    return (
+        corpus == "identity"
+        or (layer, corpus, tokens) in lm.extra.get("key_statistics", {})
+        or stats_path(lm, layer, corpus, tokens).exists()
+    )

@@ -1,0 +1,239 @@
+"""Edits as data: a small record (request, layer, u, v) meaning W_layer += v u^T on the MLP output projection.
+
+Two ways to put edits on a model:
+
+- `applied(lm, edits)`: a context manager for a model shared by many sessions (the app). Under a per-model
+  lock it applies the session's edits, runs the caller's computation, then puts the original weights back
+  bitwise, so one session's edit never shows in another's answers:
+
+      with applied(lm, session_edits):
+          text = generate(lm, prompts)
+
+- `EditStack(lm)`: edits that stay on the model (the command line): apply, undo any one, undo all. Each
+  touched layer's original matrix is kept; undoing restores it and re-applies the remaining edits in order,
+  so the weights equal bitwise what they would be had the undone edit never been made.
+
+Export/import: one safetensors file holding every edit's u and v, with the records as JSON in its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from core.errors import UserError
+from core.models import LoadedModel
+
+FORMAT = "rome-studio-edits/1"
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """A new fact: `prompt` holds "{}" where the subject goes, e.g. "{} is located in the city of"."""
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None  # the model's answer before the edit, when known
+
+    @property
+    def text(self) -> str:
+        return self.prompt.replace("{}", self.subject, 1)
+
+
+@dataclass
+class Edit:
+    """W' = W + v u^T at `layer`'s MLP output projection (W as (out, in)); `key`/`value` are k* and v*,
+    the key the edit was made for and the module output it now gives for it."""
+
+    request: EditRequest
+    layer: int
+    u: torch.Tensor  # (in_features,)  C^-1 k*
+    v: torch.Tensor  # (out_features,) (v* - W k* - b) / (u . k*)
+    key: torch.Tensor  # (in_features,)  k*
+    value: torch.Tensor  # (out_features,) v*
+    model: str = ""
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    info: dict = field(default_factory=dict)  # hyper-parameters, timings, loss history: JSON-able only
+
+    def delta(self) -> torch.Tensor:
+        """The (out, in) change of the matrix."""
+        return torch.outer(self.v, self.u)
+
+    def record(self) -> dict:
+        return {"id": self.id, "model": self.model, "layer": self.layer, "request": asdict(self.request), "info": self.info}
+
+
+# --- putting edits on weights ------------------------------------------------------------------------------
+
+
+def _weight(lm: LoadedModel, layer: int) -> torch.Tensor:
+    """The stored weight parameter (for Conv1D: (in, out))."""
+    return lm.model.get_submodule(lm.arch.layer_name(lm.model, layer, "mlp_out")).weight
+
+
+def check_edit(lm: LoadedModel, edit: Edit) -> None:
+    if not 0 <= edit.layer < lm.num_layers:
+        raise UserError(f"edit {edit.id} is for layer {edit.layer}, outside this model's {lm.num_layers} layers")
+    out_features, in_features = lm.arch.mlp_out_weight(lm.model, edit.layer).shape
+    if edit.u.shape != (in_features,) or edit.v.shape != (out_features,):
+        raise UserError(f"edit {edit.id} does not fit this model's layer {edit.layer} (made for {edit.model or 'another model'})")
+
+
+def _add(lm: LoadedModel, edit: Edit) -> None:
+    with torch.no_grad():
+        view = lm.arch.mlp_out_weight(lm.model, edit.layer)  # (out, in) view of the stored weight
+        view.add_(edit.delta().to(device=view.device, dtype=view.dtype))
+
+
+def _originals(lm: LoadedModel, layers: set[int]) -> dict[int, torch.Tensor]:
+    return {layer: _weight(lm, layer).detach().clone() for layer in layers}
+
+
+def _restore(lm: LoadedModel, originals: dict[int, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for layer, original in originals.items():
+            _weight(lm, layer).copy_(original)
+
+
+_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(lm: LoadedModel) -> threading.RLock:
+    """The one lock of this model (re-entrant: nested `applied` in one thread is fine)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(lm.model)
+        if lock is None:
+            lock = _LOCKS[lm.model] = threading.RLock()
+        return lock
+
+
+@contextmanager
+def applied(lm: LoadedModel, edits: Sequence[Edit] = ()) -> Iterator[LoadedModel]:
+    """Hold the model's lock, apply `edits` in order, yield, then restore the touched weights bitwise
+    (also on error). Everything that reads the model for a session should run inside this."""
+    for edit in edits:
+        check_edit(lm, edit)
+    with model_lock(lm):
+        originals = _originals(lm, {e.layer for e in edits})
+        try:
+            for edit in edits:
+                _add(lm, edit)
+            yield lm
+        finally:
+            _restore(lm, originals)
+
+
+class EditStack:
+    """Edits that stay on the model until undone; see the module docstring."""
+
+    def __init__(self, lm: LoadedModel) -> None:
+        self.lm = lm
+        self.edits: list[Edit] = []
+        self._originals: dict[int, torch.Tensor] = {}
+
+    def apply(self, edit: Edit) -> Edit:
+        check_edit(self.lm, edit)
+        with model_lock(self.lm):
+            if edit.layer not in self._originals:
+                self._originals.update(_originals(self.lm, {edit.layer}))
+            _add(self.lm, edit)
+            self.edits.append(edit)
+        return edit
+
+    def undo(self, edit_id: str | None = None) -> Edit:
+        """Undo one edit (the last one by default); the others stay."""
+        if not self.edits:
+            raise UserError("there is no edit to undo")
+        index = len(self.edits) - 1 if edit_id is None else self._index(edit_id)
+        with model_lock(self.lm):
+            removed = self.edits.pop(index)
+            layer = removed.layer
+            _restore(self.lm, {layer: self._originals[layer]})
+            for edit in self.edits:
+                if edit.layer == layer:
+                    _add(self.lm, edit)
+            if not any(e.layer == layer for e in self.edits):
+                del self._originals[layer]
+        return removed
+
+    def undo_all(self) -> None:
+        with model_lock(self.lm):
+            _restore(self.lm, self._originals)
+            self._originals.clear()
+            self.edits.clear()
+
+    def _index(self, edit_id: str) -> int:
+        for i, edit in enumerate(self.edits):
+            if edit.id == edit_id:
+                return i
+        raise UserError(f"no edit with id {edit_id!r} is applied")
+
+    def __len__(self) -> int:
+        return len(self.edits)
+
+
+# --- export / import ---------------------------------------------------------------------------------------
+
+
+def export_edits(edits: Sequence[Edit], path: str | Path) -> Path:
+    """Write `edits` to one safetensors file (tensors u/v/key/value per edit, records as JSON metadata)."""
+    path = Path(path)
+    tensors, records = {}, []
+    for i, edit in enumerate(edits):
+        for name in ("u", "v", "key", "value"):
+            tensors[f"{i}.{name}"] = getattr(edit, name).detach().float().cpu().contiguous()
+        records.append(edit.record())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": FORMAT, "edits": json.dumps(records)}
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def import_edits(path: str | Path, lm: LoadedModel | None = None) -> list[Edit]:
+    """Read edits written by `export_edits`; with `lm`, check they fit its layers (tensors go to its device)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"edits file {str(path)!r} does not exist")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:
+        raise UserError(f"edits file {str(path)!r} is not a safetensors file ({str(err).splitlines()[0]})") from None
+    if metadata.get("format") != FORMAT:
+        raise UserError(f"edits file {str(path)!r} was not written by ROME Studio (no {FORMAT} marker)")
+    try:
+        records = json.loads(metadata["edits"])
+        edits = []
+        for i, record in enumerate(records):
+            parts = {name: tensors[f"{i}.{name}"] for name in ("u", "v", "key", "value")}
+            if lm is not None:
+                parts = {k: t.to(device=lm.device, dtype=lm.dtype) for k, t in parts.items()}
+            edits.append(
+                Edit(
+                    request=EditRequest(**record["request"]),
+                    layer=int(record["layer"]),
+                    model=record.get("model", ""),
+                    id=record["id"],
+                    info=record.get("info", {}),
+                    **parts,
+                )
+            )
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"edits file {str(path)!r} is malformed ({err})") from None
+    if lm is not None:
+        for edit in edits:
+            check_edit(lm, edit)
+    return edits

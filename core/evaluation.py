@@ -1,0 +1,308 @@
+"""CounterFact metrics for an editing method, each case edited on a clean model (paper section 3.3).
+
+- Efficacy (ES): share of cases where P(new) > P(true) after the rewrite prompt; magnitude mean P(new) - P(true).
+- Paraphrase (PS): the same over paraphrase prompts (mean per case, then over cases).
+- Neighbourhood (NS): share of neighbourhood prompts (other subjects with the true object) where
+  P(true) > P(new) still holds; magnitude mean P(true) - P(new).
+- Score S: harmonic mean of ES, PS, NS. P of a multi-token target: exp(mean token log-prob).
+- Fluency: weighted bi/tri-gram entropy of generated text (weights 2/3, 4/3, averaged), as the paper's code.
+
+Methods: `none` (unedited), `rome` (core/rome.py), `ft` (FT-L: fine-tune the same layer's MLP output
+projection on the rewrite prompt, every entry kept within +-norm_constraint of its original value).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from core.counterfact import CounterFactCase
+from core.edits import EditRequest, applied, model_lock
+from core.errors import UserError
+from core.generation import GenerationSettings, generate
+from core.models import LoadedModel
+from core.rome import RomeHyperParams, compute_edit, default_layer, target_ids
+
+METHODS = ("none", "rome", "ft")
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class FTHyperParams:
+    """FT-L as the paper's constrained fine-tuning baseline (its GPT-2 XL settings)."""
+
+    layer: int | None = None  # None: the ROME default layer
+    steps: int = 25
+    lr: float = 5e-4
+    norm_constraint: float = 5e-4  # L-infinity bound on the change of each weight
+
+
+# --- probabilities -----------------------------------------------------------------------------------------
+
+
+def target_log_probs(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str], batch: int = 32) -> np.ndarray:
+    """Mean token log-probability of each target (as a continuation, leading space added) after its prompt."""
+    rows = []
+    for prompt, target in zip(prompts, targets):
+        p = lm.tokenizer(prompt)["input_ids"]
+        t = target_ids(lm, target)
+        rows.append((p + t, len(p), len(t)))
+    out = np.zeros(len(rows))
+    with torch.no_grad():
+        for first in range(0, len(rows), batch):
+            chunk = rows[first : first + batch]
+            width = max(len(ids) for ids, _, _ in chunk)
+            ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _, _ in chunk], device=lm.device)
+            mask = torch.tensor([[1] * len(r[0]) + [0] * (width - len(r[0])) for r in chunk], device=lm.device)
+            logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            log_probs = torch.log_softmax(logits, dim=-1)
+            for i, (row_ids, p_len, t_len) in enumerate(chunk):
+                positions = torch.arange(p_len - 1, p_len - 1 + t_len, device=lm.device)
+                wanted = torch.tensor(row_ids[p_len:], device=lm.device)
+                out[first + i] = float(log_probs[i, positions, wanted].mean())
+    return out
+
+
+def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights: tuple[float, ...] = (2 / 3, 4 / 3)) -> float:
+    """The paper's fluency measure of one text: mean over n of weight_n * entropy (bits) of its n-grams."""
+    words = re.findall(r"\w+|[^\w\s]", text.lower())
+    values = []
+    for n, weight in zip(ns, weights):
+        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        if total == 0:
+            values.append(0.0)
+            continue
+        freqs = np.array(list(grams.values()), dtype=float) / total
+        values.append(weight * float(-(freqs * np.log2(freqs)).sum()))
+    return float(np.mean(values))
+
+
+# --- FT-L --------------------------------------------------------------------------------------------------
+
+
+def ft_delta(lm: LoadedModel, request: EditRequest, hp: FTHyperParams | None = None) -> tuple[int, torch.Tensor]:
+    """FT-L: Adam on the (out, in) MLP output matrix at the layer, NLL of the new target after the rewrite
+    prompt, each entry clamped to +-norm_constraint around its original. Returns (layer, change); the model
+    is left as it was (bitwise)."""
+    hp = hp or FTHyperParams()
+    layer = default_layer(lm) if hp.layer is None else hp.layer
+    if not request.target_new.strip():
+        raise UserError("the new target is empty")
+    weight = lm.model.get_submodule(lm.arch.layer_name(lm.model, layer, "mlp_out")).weight
+    prompt = lm.tokenizer(request.text)["input_ids"]
+    new = target_ids(lm, request.target_new)
+    ids = torch.tensor([prompt + new[:-1]], device=lm.device)
+    positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(new), device=lm.device)
+    wanted = torch.tensor(new, device=lm.device)
+    with model_lock(lm):
+        original = weight.detach().clone()
+        try:
+            weight.requires_grad_(True)
+            optimiser = torch.optim.Adam([weight], lr=hp.lr)
+            for _ in range(hp.steps):
+                optimiser.zero_grad()
+                logits = lm.model(input_ids=ids, use_cache=False).logits[0, positions].float()
+                loss = -torch.log_softmax(logits, dim=-1)[torch.arange(len(new)), wanted].mean()
+                if loss.item() < 1e-2:
+                    break
+                loss.backward()
+                optimiser.step()
+                with torch.no_grad():
+                    weight.copy_(torch.clamp(weight, original - hp.norm_constraint, original + hp.norm_constraint))
+            change = (weight.detach() - original).clone()
+        finally:
+            weight.requires_grad_(False)
+            weight.grad = None
+            with torch.no_grad():
+                weight.copy_(original)
+    if lm.arch.mlp_out_conv1d:
+        change = change.T
+    return layer, change
+
+
+@contextmanager
+def ft_applied(lm: LoadedModel, layer: int, change: torch.Tensor) -> Iterator[LoadedModel]:
+    """Like core.edits.applied, for an FT-L change of the (out, in) matrix: bitwise restore afterwards."""
+    with model_lock(lm):
+        weight = lm.model.get_submodule(lm.arch.layer_name(lm.model, layer, "mlp_out")).weight
+        original = weight.detach().clone()
+        try:
+            with torch.no_grad():
+                lm.arch.mlp_out_weight(lm.model, layer).add_(change)
+            yield lm
+        finally:
+            with torch.no_grad():
+                weight.copy_(original)
+
+
+# --- evaluation --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CaseResult:
+    case_id: int | str
+    subject: str
+    target_new: str
+    target_true: str
+    efficacy: float | None = None  # 1.0 / 0.0
+    efficacy_magnitude: float | None = None
+    paraphrase: float | None = None
+    paraphrase_magnitude: float | None = None
+    neighborhood: float | None = None
+    neighborhood_magnitude: float | None = None
+    p_new: float | None = None  # rewrite prompt, after
+    p_true: float | None = None
+    fluency: float | None = None
+    edit_seconds: float = 0.0
+    edit_cpu_seconds: float = 0.0  # process CPU time of the edit (what a quiet machine would take, 1 thread)
+    skipped: str | None = None  # why the case was not evaluated
+
+
+@dataclass
+class EvaluationResult:
+    method: str
+    n: int
+    skipped: int
+    efficacy: float
+    efficacy_magnitude: float
+    paraphrase: float
+    paraphrase_magnitude: float
+    neighborhood: float
+    neighborhood_magnitude: float
+    score: float
+    fluency: float | None
+    seconds: float
+    mean_edit_seconds: float
+    mean_edit_cpu_seconds: float
+    cases: list[CaseResult] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def row(self) -> dict:
+        """The headline numbers (for a table)."""
+        keys = ("method", "n", "efficacy", "paraphrase", "neighborhood", "score", "efficacy_magnitude",
+                "paraphrase_magnitude", "neighborhood_magnitude", "fluency", "mean_edit_seconds", "mean_edit_cpu_seconds")
+        return {k: getattr(self, k) for k in keys}
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    if any(v <= 0 for v in values):
+        return 0.0
+    return len(values) / sum(1 / v for v in values)
+
+
+def _measure(lm: LoadedModel, case: CounterFactCase, result: CaseResult, fluency_tokens: int, seed: int) -> None:
+    prompts = [case.text, *case.paraphrase_prompts, *case.neighborhood_prompts]
+    lp_new = target_log_probs(lm, prompts, [case.target_new] * len(prompts))
+    lp_true = target_log_probs(lm, prompts, [case.target_true] * len(prompts))
+    p_new, p_true = np.exp(lp_new), np.exp(lp_true)
+    para = slice(1, 1 + len(case.paraphrase_prompts))
+    neigh = slice(1 + len(case.paraphrase_prompts), None)
+    result.p_new, result.p_true = float(p_new[0]), float(p_true[0])
+    result.efficacy = float(lp_new[0] > lp_true[0])
+    result.efficacy_magnitude = float(p_new[0] - p_true[0])
+    result.paraphrase = float(np.mean(lp_new[para] > lp_true[para]))
+    result.paraphrase_magnitude = float(np.mean(p_new[para] - p_true[para]))
+    result.neighborhood = float(np.mean(lp_true[neigh] > lp_new[neigh]))
+    result.neighborhood_magnitude = float(np.mean(p_true[neigh] - p_new[neigh]))
+    if fluency_tokens > 0 and case.generation_prompts:
+        settings = GenerationSettings(max_new_tokens=fluency_tokens, sample=True, seed=seed, top_k=5)
+        texts = generate(lm, list(case.generation_prompts), settings)
+        result.fluency = float(np.mean([ngram_entropy(t) for t in texts]))
+
+
+def evaluate_case(
+    lm: LoadedModel,
+    case: CounterFactCase,
+    method: str = "rome",
+    rome: RomeHyperParams | None = None,
+    ft: FTHyperParams | None = None,
+    fluency_tokens: int = 40,
+    seed: int = 0,
+) -> CaseResult:
+    """Edit a clean model with `method`, measure, and put the model back (bitwise)."""
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    result = CaseResult(case.case_id, case.subject, case.target_new, case.target_true)
+    request = EditRequest(case.prompt, case.subject, case.target_new, case.target_true)
+    started, cpu = time.perf_counter(), time.process_time()
+    if method == "none":
+        _measure(lm, case, result, fluency_tokens, seed)
+        return result
+    try:
+        if method == "rome":
+            edit = compute_edit(lm, request, rome)
+            result.edit_seconds = time.perf_counter() - started
+            result.edit_cpu_seconds = edit.info["cpu_seconds"]
+            with applied(lm, [edit]):
+                _measure(lm, case, result, fluency_tokens, seed)
+        else:
+            layer, change = ft_delta(lm, request, ft)
+            result.edit_seconds = time.perf_counter() - started
+            result.edit_cpu_seconds = time.process_time() - cpu
+            with ft_applied(lm, layer, change):
+                _measure(lm, case, result, fluency_tokens, seed)
+    except UserError as err:  # e.g. the model already answers the new target: the case cannot be an edit
+        result.skipped = str(err)
+    return result
+
+
+def _mean(values: list[float | None]) -> float:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else math.nan
+
+
+def evaluate(
+    lm: LoadedModel,
+    cases: Sequence[CounterFactCase],
+    method: str = "rome",
+    rome: RomeHyperParams | None = None,
+    ft: FTHyperParams | None = None,
+    fluency_tokens: int = 40,
+    progress: Progress | None = None,
+) -> EvaluationResult:
+    """CounterFact metrics of `method` over `cases` (each edited on the clean model)."""
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    if not cases:
+        raise UserError("there are no cases to evaluate")
+    started = time.perf_counter()
+    results = []
+    for i, case in enumerate(cases):
+        results.append(evaluate_case(lm, case, method, rome, ft, fluency_tokens, seed=i))
+        if progress:
+            progress(i + 1, len(cases))
+    return summarise(method, results, fluency_tokens > 0, time.perf_counter() - started)
+
+
+def summarise(method: str, results: list[CaseResult], fluency: bool, seconds: float) -> EvaluationResult:
+    """The aggregate metrics of per-case results."""
+    done = [r for r in results if r.skipped is None]
+    es, ps, ns = (_mean([getattr(r, k) for r in done]) for k in ("efficacy", "paraphrase", "neighborhood"))
+    return EvaluationResult(
+        method=method,
+        n=len(done),
+        skipped=len(results) - len(done),
+        efficacy=es,
+        efficacy_magnitude=_mean([r.efficacy_magnitude for r in done]),
+        paraphrase=ps,
+        paraphrase_magnitude=_mean([r.paraphrase_magnitude for r in done]),
+        neighborhood=ns,
+        neighborhood_magnitude=_mean([r.neighborhood_magnitude for r in done]),
+        score=harmonic_mean([es, ps, ns]) if done else math.nan,
+        fluency=_mean([r.fluency for r in done]) if fluency else None,
+        seconds=seconds,
+        mean_edit_seconds=_mean([r.edit_seconds for r in done]) if method != "none" else 0.0,
+        mean_edit_cpu_seconds=_mean([r.edit_cpu_seconds for r in done]) if method != "none" else 0.0,
+        cases=results,
+    )

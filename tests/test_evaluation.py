@@ -1,0 +1,129 @@
+"""CounterFact loading, the metrics, FT-L and evaluation of none / rome / ft."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.counterfact import PROJECT_FILE, load_counterfact, parse_cases
+from core.edits import EditRequest
+from core.errors import UserError
+from core.evaluation import FTHyperParams, evaluate, ft_applied, ft_delta, harmonic_mean, ngram_entropy
+from core.rome import RomeHyperParams
+
+SMALL = Path(__file__).parent / "data" / "counterfact_small.json"
+TINY = RomeHyperParams(layer=1, context_lengths=((4, 2),), stats_tokens=512, steps=3)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Tiny models' statistics go to a throwaway cache shared by the session (same seed: same model)."""
+    monkeypatch.setenv("ROME_STUDIO_CACHE", str(tmp_path_factory.getbasetemp() / "rome-cache"))
+
+
+def test_loads_the_public_format():
+    cases = load_counterfact(SMALL)
+    assert len(cases) == 3
+    first = cases[0]
+    assert first.text == "The Eiffel Tower is located in the city of"
+    assert (first.target_new, first.target_true, first.relation_id) == ("Rome", "Paris", "P131")
+    assert len(first.paraphrase_prompts) == 2 and len(first.neighborhood_prompts) == 2
+    assert cases[1].attribute_prompts == ()
+    assert len(load_counterfact(SMALL, limit=2)) == 2
+
+
+def test_project_file_loads():
+    if not PROJECT_FILE.exists():
+        pytest.skip("the project's CounterFact file is not written yet")
+    assert len(load_counterfact(PROJECT_FILE)) >= 60
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r: r["requested_rewrite"].pop("subject"), "record 1 \\(case_id 1\\) lacks the field 'requested_rewrite.subject'"),
+        (lambda r: r["requested_rewrite"].update(prompt="no slot"), "record 1 .* exactly one"),
+        (lambda r: r["requested_rewrite"]["target_new"].update(str=""), "record 1 .* empty"),
+        (lambda r: r.update(paraphrase_prompts="one text"), "record 1 .* paraphrase_prompts"),
+        (lambda r: r.pop("neighborhood_prompts"), "record 1 .* neighborhood_prompts"),
+        (lambda r: r["requested_rewrite"]["target_new"].update(str="Berlin"), "record 1 .* same new and true"),
+    ],
+)
+def test_malformed_record_names_the_record(change, message):
+    data = json.loads(SMALL.read_text())
+    change(data[1])
+    with pytest.raises(UserError, match=message):
+        parse_cases(data)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_counterfact(tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_counterfact(bad)
+    bad.write_text("{}")
+    with pytest.raises(UserError, match="not a JSON list"):
+        load_counterfact(bad)
+
+
+def test_ngram_entropy_and_harmonic_mean():
+    assert ngram_entropy("a a a a a a") == 0.0  # one repeated bigram and trigram
+    distinct = ngram_entropy("one two three four five")  # 4 bigrams, 3 trigrams, all distinct
+    assert distinct == pytest.approx((2 / 3 * 2.0 + 4 / 3 * math.log2(3)) / 2)
+    assert harmonic_mean([1.0, 1.0, 1.0]) == 1.0
+    assert harmonic_mean([1.0, 0.5, 0.25]) == pytest.approx(3 / (1 + 2 + 4))
+    assert harmonic_mean([1.0, 0.0, 1.0]) == 0.0
+
+
+def test_ft_respects_the_norm_constraint_and_restores(tiny):
+    saved = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
+    hp = FTHyperParams(layer=1, steps=5, norm_constraint=1e-3, lr=1e-2)
+    layer, change = ft_delta(tiny, EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome"), hp)
+    assert layer == 1
+    assert change.shape == tiny.arch.mlp_out_weight(tiny.model, 1).shape
+    assert 0 < float(change.abs().max()) <= 1e-3 * (1 + 1e-5)
+    with ft_applied(tiny, layer, change):
+        torch.testing.assert_close(tiny.arch.mlp_out_weight(tiny.model, 1), saved_view(tiny, saved, 1) + change)
+    assert all(torch.equal(p, saved[n]) for n, p in tiny.model.named_parameters())
+
+
+def saved_view(lm, saved, layer):
+    w = saved[lm.arch.layer_name(lm.model, layer, "mlp_out") + ".weight"]
+    return w.T if lm.arch.mlp_out_conv1d else w
+
+
+@pytest.mark.parametrize("method", ["none", "rome", "ft"])
+def test_evaluate_methods_on_a_tiny_model(tiny, method):
+    saved = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
+    cases = load_counterfact(SMALL, limit=2)
+    result = evaluate(tiny, cases, method, rome=TINY, ft=FTHyperParams(layer=1, steps=3), fluency_tokens=5)
+    assert result.n + result.skipped == 2
+    for value in (result.efficacy, result.paraphrase, result.neighborhood):
+        assert 0.0 <= value <= 1.0
+    assert result.score == pytest.approx(harmonic_mean([result.efficacy, result.paraphrase, result.neighborhood]))
+    assert result.fluency is not None and result.fluency >= 0
+    assert len(result.cases) == 2 and result.cases[0].p_new is not None
+    assert all(torch.equal(p, saved[n]) for n, p in tiny.model.named_parameters())  # each case on a clean model
+
+
+def test_unknown_method(tiny):
+    with pytest.raises(UserError, match="unknown method"):
+        evaluate(tiny, load_counterfact(SMALL, limit=1), "memit")
+
+
+@pytest.mark.slow
+def test_rome_beats_none_on_the_embedded_model(embedded, monkeypatch):
+    monkeypatch.delenv("ROME_STUDIO_CACHE", raising=False)  # the real cache (statistics once per machine)
+    cases = load_counterfact(SMALL, limit=1)
+    hp = RomeHyperParams(stats_tokens=4096)
+    none = evaluate(embedded, cases, "none", fluency_tokens=0)
+    rome = evaluate(embedded, cases, "rome", rome=hp, fluency_tokens=0)
+    assert none.efficacy == 0.0 and rome.efficacy == 1.0
+    assert rome.paraphrase >= 0.5
+    assert rome.neighborhood == none.neighborhood == 1.0
