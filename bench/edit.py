@@ -56,8 +56,10 @@ def uncached_statistics(lm, layer: int, hp: RomeHyperParams) -> None:
         try:
             wall, cpu = time.perf_counter(), time.process_time()
             stats = key_statistics(lm, layer, hp.stats_corpus, hp.stats_tokens)
-            print(f"statistics, not cached: {time.perf_counter() - wall:.1f} s wall, {time.process_time() - cpu:.1f} s CPU "
-                  f"({stats.count} keys, layer {layer}, corpus {hp.stats_corpus}, corpus generation included)")
+            print(
+                f"statistics, not cached: {time.perf_counter() - wall:.1f} s wall, {time.process_time() - cpu:.1f} s CPU "
+                f"({stats.count} keys, layer {layer}, corpus {hp.stats_corpus}, corpus generation included)"
+            )
         finally:
             if saved is None:
                 os.environ.pop("ROME_STUDIO_CACHE")
@@ -76,15 +78,25 @@ def latency(lm, hp: RomeHyperParams, uncached: bool = True) -> None:
     rows = []
     for request in REQUESTS:
         edit = compute_edit(lm, request, hp)
-        rows.append({"edit": request.text + " -> " + request.target_new, "wall s": edit.info["seconds"],
-                     "cpu s": edit.info["cpu_seconds"], "steps": edit.info["steps"]})
+        rows.append(
+            {
+                "edit": request.text + " -> " + request.target_new,
+                "wall s": edit.info["seconds"],
+                "cpu s": edit.info["cpu_seconds"],
+                "steps": edit.info["steps"],
+            }
+        )
     table = pd.DataFrame(rows)
     print(table.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
-    print(f"edit, statistics cached: median {statistics.median(table['wall s']):.2f} s wall, "
-          f"{statistics.median(table['cpu s']):.2f} s CPU; peak RSS so far {peak_rss_mib():.0f} MiB")
+    print(
+        f"edit, statistics cached: median {statistics.median(table['wall s']):.2f} s wall, "
+        f"{statistics.median(table['cpu s']):.2f} s CPU; peak RSS so far {peak_rss_mib():.0f} MiB"
+    )
 
 
-def table(lm, cases, runs: list[tuple[str, str, RomeHyperParams]], fluency_tokens: int, json_out: str | None = None) -> pd.DataFrame:
+def table(
+    lm, cases, runs: list[tuple[str, str, RomeHyperParams]], fluency_tokens: int, json_out: str | None = None
+) -> pd.DataFrame:
     rows, full = [], {}
     for label, method, hp in runs:
         started = time.perf_counter()
@@ -116,8 +128,13 @@ def main() -> None:
     parser.add_argument("--cached-only", action="store_true", help="latency: skip computing statistics from scratch")
     parser.add_argument("--compare-keys", action="store_true", help="rome with key token last vs strongest")
     parser.add_argument("--compare-covariance", action="store_true", help="rome with generated vs identity C")
-    parser.add_argument("--measure-layer", type=int, metavar="FACTS", default=0,
-                        help="measure the default layer from causal traces of this many known facts, then exit")
+    parser.add_argument(
+        "--measure-layer",
+        type=int,
+        metavar="FACTS",
+        default=0,
+        help="measure the default layer from causal traces of this many known facts, then exit",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model(device="cpu")
@@ -133,12 +150,26 @@ def main() -> None:
     if not args.no_latency:
         latency(lm, hp, uncached=not args.cached_only)
     cases = load_counterfact(args.data, args.limit)
-    print(f"evaluation set {args.data}: {len(cases)} cases, layer {default_layer(lm) if hp.layer is None else hp.layer}")
+    print(
+        f"evaluation set {args.data}: {len(cases)} cases, layer {default_layer(lm) if hp.layer is None else hp.layer}"
+    )
     runs = [(m, m, hp) for m in args.methods.split(",") if m and m != "-"]
     if args.compare_keys:
-        runs.append(("rome key=strongest", "rome", RomeHyperParams(layer=args.layer, stats_tokens=args.stats_tokens, key_token="strongest")))
+        runs.append(
+            (
+                "rome key=strongest",
+                "rome",
+                RomeHyperParams(layer=args.layer, stats_tokens=args.stats_tokens, key_token="strongest"),
+            )
+        )
     if args.compare_covariance:
-        runs.append(("rome C=identity", "rome", RomeHyperParams(layer=args.layer, stats_tokens=args.stats_tokens, stats_corpus="identity")))
+        runs.append(
+            (
+                "rome C=identity",
+                "rome",
+                RomeHyperParams(layer=args.layer, stats_tokens=args.stats_tokens, stats_corpus="identity"),
+            )
+        )
     result = table(lm, cases, runs, args.fluency_tokens, args.json_out)
     print()
     print(result.to_string(index=False, float_format=lambda x: f"{x:.3f}"))

@@ -188,7 +188,9 @@ def layer_keys(lm: LoadedModel, layer: int, input_ids: torch.Tensor) -> torch.Te
     return seen[0]
 
 
-def _key_second_moment(lm: LoadedModel, layer: int, corpus: torch.Tensor, tokens: int, progress) -> tuple[torch.Tensor, int]:
+def _key_second_moment(
+    lm: LoadedModel, layer: int, corpus: torch.Tensor, tokens: int, progress
+) -> tuple[torch.Tensor, int]:
     """Mean of k k^T over the first `tokens` positions of the corpus (accumulated in float64)."""
     size = lm.arch.mlp_out_weight(lm.model, layer).shape[1]
     mom2 = torch.zeros(size, size, dtype=torch.float64, device=lm.device)

@@ -71,7 +71,13 @@ class Edit:
         return torch.outer(self.v, self.u)
 
     def record(self) -> dict:
-        return {"id": self.id, "model": self.model, "layer": self.layer, "request": asdict(self.request), "info": self.info}
+        return {
+            "id": self.id,
+            "model": self.model,
+            "layer": self.layer,
+            "request": asdict(self.request),
+            "info": self.info,
+        }
 
 
 # --- putting edits on weights ------------------------------------------------------------------------------
@@ -87,7 +93,9 @@ def check_edit(lm: LoadedModel, edit: Edit) -> None:
         raise UserError(f"edit {edit.id} is for layer {edit.layer}, outside this model's {lm.num_layers} layers")
     out_features, in_features = lm.arch.mlp_out_weight(lm.model, edit.layer).shape
     if edit.u.shape != (in_features,) or edit.v.shape != (out_features,):
-        raise UserError(f"edit {edit.id} does not fit this model's layer {edit.layer} (made for {edit.model or 'another model'})")
+        raise UserError(
+            f"edit {edit.id} does not fit this model's layer {edit.layer} (made for {edit.model or 'another model'})"
+        )
 
 
 def _add(lm: LoadedModel, edit: Edit) -> None:

@@ -190,8 +190,20 @@ class EvaluationResult:
 
     def row(self) -> dict:
         """The headline numbers (for a table)."""
-        keys = ("method", "n", "efficacy", "paraphrase", "neighborhood", "score", "efficacy_magnitude",
-                "paraphrase_magnitude", "neighborhood_magnitude", "fluency", "mean_edit_seconds", "mean_edit_cpu_seconds")
+        keys = (
+            "method",
+            "n",
+            "efficacy",
+            "paraphrase",
+            "neighborhood",
+            "score",
+            "efficacy_magnitude",
+            "paraphrase_magnitude",
+            "neighborhood_magnitude",
+            "fluency",
+            "mean_edit_seconds",
+            "mean_edit_cpu_seconds",
+        )
         return {k: getattr(self, k) for k in keys}
 
 

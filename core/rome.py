@@ -110,7 +110,9 @@ class Contexts:
     texts: tuple[str, ...]
 
 
-def context_texts(lm: LoadedModel, lengths: tuple[tuple[int, int], ...] = RomeHyperParams.context_lengths, seed: int = 0) -> Contexts:
+def context_texts(
+    lm: LoadedModel, lengths: tuple[tuple[int, int], ...] = RomeHyperParams.context_lengths, seed: int = 0
+) -> Contexts:
     """The plain prompt + for each (tokens, count): `count` texts of one prefix word (The, Therefore, ...)
     and `tokens` tokens sampled top-k 5 (seeded), each closed by "." (the paper's "{text}. {prompt}").
     Kept as token ids so that contexts of one length batch together. Cached on the model."""
@@ -147,7 +149,9 @@ class _Row:
     kl: bool = False
 
 
-def _subject_tokens(lm: LoadedModel, prompt: str, subject: str, context: tuple[int, ...] = ()) -> tuple[list[int], tuple[int, int]]:
+def _subject_tokens(
+    lm: LoadedModel, prompt: str, subject: str, context: tuple[int, ...] = ()
+) -> tuple[list[int], tuple[int, int]]:
     """Token ids of the context followed by prompt(subject) (after a space when there is a context), and
     the subject's [start, end) token span in the prompt, by the paper's rule (see core.prompts)."""
     lead = " " if context else ""
@@ -186,7 +190,9 @@ def validate_request(lm: LoadedModel, request: EditRequest) -> EditRequest:
         raise UserError("the subject is empty")
     if "{}" not in request.prompt:  # the subject written out: its first occurrence becomes the {}
         start, end = find_subject_chars(request.prompt, request.subject)
-        request = replace(request, prompt=request.prompt[:start] + "{}" + request.prompt[end:], subject=request.prompt[start:end])
+        request = replace(
+            request, prompt=request.prompt[:start] + "{}" + request.prompt[end:], subject=request.prompt[start:end]
+        )
     if request.prompt.count("{}") != 1:
         raise UserError(f"the prompt must hold exactly one {{}} where the subject goes (got {request.prompt!r})")
     if request.prompt.rstrip().endswith("{}"):
@@ -267,7 +273,10 @@ def compute_edit(
 
     # 1. statistics first (the long part when not cached)
     stats = key_statistics(
-        lm, layer, hp.stats_corpus, hp.stats_tokens,
+        lm,
+        layer,
+        hp.stats_corpus,
+        hp.stats_tokens,
         progress=(lambda done, of: tick(int(stats_units * done / max(of, 1)))) if progress else None,
     )
     timings.stats_seconds = stats.seconds if not stats.cached else 0.0
@@ -281,7 +290,9 @@ def compute_edit(
     for context in contexts.ids:
         ids, (start, end) = _subject_tokens(lm, request.prompt, request.subject, context)
         prompt_len = len(ids)
-        rows.append(_Row(ids + new[:-1], max(start, end - 1 - offset), list(range(prompt_len - 1, prompt_len - 1 + len(new)))))
+        rows.append(
+            _Row(ids + new[:-1], max(start, end - 1 - offset), list(range(prompt_len - 1, prompt_len - 1 + len(new))))
+        )
     kl_ids, (kl_start, kl_end) = _subject_tokens(lm, "{} is a", request.subject)
     rows.append(_Row(kl_ids, max(kl_start, kl_end - 1 - offset), [len(kl_ids) - 1], kl=True))
 

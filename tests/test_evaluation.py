@@ -45,7 +45,10 @@ def test_project_file_loads():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda r: r["requested_rewrite"].pop("subject"), "record 1 \\(case_id 1\\) lacks the field 'requested_rewrite.subject'"),
+        (
+            lambda r: r["requested_rewrite"].pop("subject"),
+            "record 1 \\(case_id 1\\) lacks the field 'requested_rewrite.subject'",
+        ),
         (lambda r: r["requested_rewrite"].update(prompt="no slot"), "record 1 .* exactly one"),
         (lambda r: r["requested_rewrite"]["target_new"].update(str=""), "record 1 .* empty"),
         (lambda r: r.update(paraphrase_prompts="one text"), "record 1 .* paraphrase_prompts"),

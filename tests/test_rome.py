@@ -126,7 +126,9 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(tiny, request_, message)
 
 
 def test_prompt_may_hold_the_subject_itself(tiny):
-    request = validate_request(tiny, EditRequest("The Eiffel Tower is located in the city of", "The Eiffel Tower", "Rome"))
+    request = validate_request(
+        tiny, EditRequest("The Eiffel Tower is located in the city of", "The Eiffel Tower", "Rome")
+    )
     assert request.prompt == "{} is located in the city of" and request.target_true
 
 
@@ -187,5 +189,7 @@ def test_embedded_bad_input(embedded):
     with pytest.raises(UserError, match="already answers"):
         compute_edit(embedded, EditRequest(REQUEST.prompt, REQUEST.subject, "Paris"), EMBEDDED)
     with pytest.raises(UserError, match="does not occur"):
-        compute_edit(embedded, EditRequest("The Louvre is located in the city of", "The Space Needle", "Rome"), EMBEDDED)
+        compute_edit(
+            embedded, EditRequest("The Louvre is located in the city of", "The Space Needle", "Rome"), EMBEDDED
+        )
     assert_bitwise(embedded, saved)

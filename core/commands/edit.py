@@ -17,17 +17,23 @@ from core.rome import KEY_TOKENS, RomeHyperParams, compute_edit, validate_reques
 
 def register(subparsers, add_common_options) -> None:
     parser = subparsers.add_parser("edit", help="edit one fact with ROME and show before/after")
-    parser.add_argument("--prompt", required=True, help='prompt with {} for the subject, e.g. "{} is located in the city of"')
+    parser.add_argument(
+        "--prompt", required=True, help='prompt with {} for the subject, e.g. "{} is located in the city of"'
+    )
     parser.add_argument("--subject", required=True)
     parser.add_argument("--target", required=True, help="the new object, e.g. Rome")
     parser.add_argument("--layer", type=int, default=None, help="edit layer (default: the model's default)")
     parser.add_argument("--generate", nargs="+", default=[], metavar="TEXT", help="prompts to continue before/after")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=30, help=f"per generation (at most {MAX_NEW_TOKENS})")
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, default=30, help=f"per generation (at most {MAX_NEW_TOKENS})"
+    )
     parser.add_argument("--sample", action="store_true", help="seeded sampling instead of greedy text")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--key-token", choices=KEY_TOKENS, default=RomeHyperParams.key_token)
     parser.add_argument("--corpus", choices=CORPORA, default=DEFAULT_CORPUS, help="covariance statistics corpus")
-    parser.add_argument("--stats-tokens", type=positive_int, default=DEFAULT_TOKENS, help="corpus tokens for the statistics")
+    parser.add_argument(
+        "--stats-tokens", type=positive_int, default=DEFAULT_TOKENS, help="corpus tokens for the statistics"
+    )
     parser.add_argument("--export", metavar="FILE", help="also write the edit (safetensors + JSON metadata)")
     add_common_options(parser)
     parser.set_defaults(run=run)

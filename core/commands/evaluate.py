@@ -15,14 +15,18 @@ from core.rome import KEY_TOKENS, RomeHyperParams
 
 def register(subparsers, add_common_options) -> None:
     parser = subparsers.add_parser("evaluate", help="CounterFact metrics of an editing method")
-    parser.add_argument("--data", default=str(PROJECT_FILE), help='CounterFact-format JSON file, or "counterfact" for the public file')
+    parser.add_argument(
+        "--data", default=str(PROJECT_FILE), help='CounterFact-format JSON file, or "counterfact" for the public file'
+    )
     parser.add_argument("--method", choices=METHODS, default="rome")
     parser.add_argument("--limit", type=positive_int, default=None, help="only the first N cases")
     parser.add_argument("--layer", type=int, default=None, help="edit layer (default: the model's default)")
     parser.add_argument("--key-token", choices=KEY_TOKENS, default=RomeHyperParams.key_token)
     parser.add_argument("--corpus", choices=CORPORA, default=DEFAULT_CORPUS, help="covariance statistics corpus")
     parser.add_argument("--stats-tokens", type=positive_int, default=DEFAULT_TOKENS)
-    parser.add_argument("--fluency-tokens", type=int, default=40, help="tokens generated per generation prompt (0: no fluency)")
+    parser.add_argument(
+        "--fluency-tokens", type=int, default=40, help="tokens generated per generation prompt (0: no fluency)"
+    )
     add_common_options(parser)
     parser.set_defaults(run=run)
 
@@ -30,7 +34,9 @@ def register(subparsers, add_common_options) -> None:
 def run(args: argparse.Namespace) -> dict:
     cases = load_counterfact(args.data, args.limit)
     lm = load(args)
-    rome = RomeHyperParams(layer=args.layer, key_token=args.key_token, stats_corpus=args.corpus, stats_tokens=args.stats_tokens)
+    rome = RomeHyperParams(
+        layer=args.layer, key_token=args.key_token, stats_corpus=args.corpus, stats_tokens=args.stats_tokens
+    )
     rome.check(lm)
     ft = FTHyperParams(layer=args.layer)
     with tqdm(total=len(cases), desc=f"evaluate {args.method}", unit="case", leave=False) as bar:
@@ -39,12 +45,16 @@ def run(args: argparse.Namespace) -> dict:
             bar.n = done
             bar.refresh()
 
-        result = evaluate(lm, cases, args.method, rome=rome, ft=ft, fluency_tokens=max(0, args.fluency_tokens), progress=progress)
+        result = evaluate(
+            lm, cases, args.method, rome=rome, ft=ft, fluency_tokens=max(0, args.fluency_tokens), progress=progress
+        )
     fluency = "-" if result.fluency is None else f"{result.fluency:.3f}"
     print(
         f"{args.method}: n={result.n} (skipped {result.skipped})  ES {result.efficacy:.3f}  PS {result.paraphrase:.3f}  "
         f"NS {result.neighborhood:.3f}  S {result.score:.3f}  fluency {fluency}  ({result.seconds:.0f} s)"
     )
     out = result.to_json()
-    out.update({"model": lm.name, "data": args.data, "layer": args.layer, "key_token": args.key_token, "corpus": args.corpus})
+    out.update(
+        {"model": lm.name, "data": args.data, "layer": args.layer, "key_token": args.key_token, "corpus": args.corpus}
+    )
     return out
