@@ -205,8 +205,8 @@ def test_edit_changes_the_text_for_this_session_only(server, browser):
         assert_no_exception(first)
         texts = first.locator('[data-testid="stCode"]').all_inner_texts()
         assert "Paris" in texts[0] and "Rome" in texts[2], texts
-        first.get_by_role("button", name="Generate").click()
-        first.locator('[data-testid="stCode"]').nth(4).wait_for(timeout=120_000)
+        first.get_by_role("button", name="Generate").first.click()
+        first.locator('[data-testid="stCode"]').nth(4).wait_for(timeout=300_000)
         wait_idle(first)
         assert "Rome" in first.locator('[data-testid="stCode"]').last.inner_text()
 
@@ -214,8 +214,9 @@ def test_edit_changes_the_text_for_this_session_only(server, browser):
     with step(second, "edit_other_session"):
         visit(second, server + PAGES["editor"])
         second.get_by_text("No edit yet").wait_for(timeout=120_000)  # this session has no edit
-        second.get_by_role("button", name="Generate").click()
-        second.locator('[data-testid="stCode"]').first.wait_for(timeout=120_000)
+        wait_idle(second)
+        second.get_by_role("button", name="Generate").first.click()
+        second.locator('[data-testid="stCode"]').first.wait_for(timeout=300_000)
         wait_idle(second)
         text = second.locator('[data-testid="stCode"]').last.inner_text()
         assert "Paris" in text and "Rome" not in text, text
