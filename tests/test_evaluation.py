@@ -51,8 +51,8 @@ def test_project_file_loads():
         ),
         (lambda r: r["requested_rewrite"].update(prompt="no slot"), "record 1 .* exactly one"),
         (lambda r: r["requested_rewrite"]["target_new"].update(str=""), "record 1 .* empty"),
-        (lambda r: r.update(paraphrase_prompts="one text"), "record 1 .* paraphrase_prompts"),
-        (lambda r: r.pop("neighborhood_prompts"), "record 1 .* neighborhood_prompts"),
+        (lambda r: r.update(paraphrase_prompts="one text"), "record 1 .*paraphrase_prompts"),
+        (lambda r: r.pop("neighborhood_prompts"), "record 1 .*neighborhood_prompts"),
         (lambda r: r["requested_rewrite"]["target_new"].update(str="Berlin"), "record 1 .* same new and true"),
     ],
 )
