@@ -57,7 +57,8 @@ def uncached_statistics(lm, layer: int, hp: RomeHyperParams) -> None:
             wall, cpu = time.perf_counter(), time.process_time()
             stats = key_statistics(lm, layer, hp.stats_corpus, hp.stats_tokens)
             print(
-                f"statistics, not cached: {time.perf_counter() - wall:.1f} s wall, {time.process_time() - cpu:.1f} s CPU "
+                f"statistics, not cached: {time.perf_counter() - wall:.1f} s wall, "
+                f"{time.process_time() - cpu:.1f} s CPU "
                 f"({stats.count} keys, layer {layer}, corpus {hp.stats_corpus}, corpus generation included)"
             )
         finally:

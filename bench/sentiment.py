@@ -53,11 +53,16 @@ def accuracy(lm, args) -> dict:
     df = extract_features(lm, dev.texts, layers, cache=True)
     proxy = FeelingProxy.fit(lm, tf, train.labels)
     predicted = proxy.predict(lm, df)
-    result = {"n_train": len(train), "n_dev": len(dev), "dev_counts": dev.counts(),
-              "feeling": {"accuracy": float((predicted == dev.labels).mean()),
-                          "confusion": confusion(dev.labels, predicted)}}
-    print(f"feeling proxy: dev accuracy {result['feeling']['accuracy']:.3f} (n={len(dev)}), "
-          f"confusion {result['feeling']['confusion']} (rows true neg/pos, columns predicted)")
+    result = {
+        "n_train": len(train),
+        "n_dev": len(dev),
+        "dev_counts": dev.counts(),
+        "feeling": {"accuracy": float((predicted == dev.labels).mean()), "confusion": confusion(dev.labels, predicted)},
+    }
+    print(
+        f"feeling proxy: dev accuracy {result['feeling']['accuracy']:.3f} (n={len(dev)}), "
+        f"confusion {result['feeling']['confusion']} (rows true neg/pos, columns predicted)"
+    )
     sweep = probe_layer_sweep(tf, train.labels)
     per_layer = {}
     for layer in layers:
@@ -66,11 +71,18 @@ def accuracy(lm, args) -> dict:
     best = max(sweep, key=lambda l: (sweep[l], -l))
     probe = HiddenProbe.fit(lm, tf, train.labels, best)
     predicted = probe.predict(lm, df)
-    result["probe"] = {"layer_by_train_cv": best, "accuracy": per_layer[best],
-                       "confusion": confusion(dev.labels, predicted), "train_cv": sweep, "dev_by_layer": per_layer,
-                       "best_dev_layer": max(per_layer, key=per_layer.get)}
-    print(f"probe: layer {best} (chosen by 5-fold CV on train, {sweep[best]:.3f}): dev accuracy {per_layer[best]:.3f}, "
-          f"confusion {result['probe']['confusion']}")
+    result["probe"] = {
+        "layer_by_train_cv": best,
+        "accuracy": per_layer[best],
+        "confusion": confusion(dev.labels, predicted),
+        "train_cv": sweep,
+        "dev_by_layer": per_layer,
+        "best_dev_layer": max(per_layer, key=per_layer.get),
+    }
+    print(
+        f"probe: layer {best} (chosen by 5-fold CV on train, {sweep[best]:.3f}): dev accuracy {per_layer[best]:.3f}, "
+        f"confusion {result['probe']['confusion']}"
+    )
     print("dev accuracy by layer: " + " ".join(f"{l}:{a:.3f}" for l, a in per_layer.items()))
     return result
 
@@ -81,13 +93,21 @@ def throughput(lm, args) -> dict:
     one = read_texts(lm, texts, max_rows=1)
     batched = read_texts(lm, texts)
     diff = float(np.abs(one.final - batched.final).max())
-    result = {"n": len(texts), "tokens": batched.tokens, "one_by_one_texts_per_second": one.texts_per_second,
-              "batched_texts_per_second": batched.texts_per_second,
-              "speedup": batched.texts_per_second / one.texts_per_second, "max_abs_diff_final_state": diff,
-              "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
-    print(f"{len(texts)} dev tweets ({batched.tokens} tokens): one per forward {one.texts_per_second:.2f} texts/s, "
-          f"batched+padded {batched.texts_per_second:.2f} texts/s ({result['speedup']:.2f}x); "
-          f"max |diff| of the final state {diff:.2e}; peak RSS {result['peak_rss_mb']:.0f} MB")
+    result = {
+        "n": len(texts),
+        "tokens": batched.tokens,
+        "one_by_one_texts_per_second": one.texts_per_second,
+        "batched_texts_per_second": batched.texts_per_second,
+        "speedup": batched.texts_per_second / one.texts_per_second,
+        "max_abs_diff_final_state": diff,
+        "peak_rss_mb": peak_rss_mb(),
+        "threads": torch.get_num_threads(),
+    }
+    print(
+        f"{len(texts)} dev tweets ({batched.tokens} tokens): one per forward {one.texts_per_second:.2f} texts/s, "
+        f"batched+padded {batched.texts_per_second:.2f} texts/s ({result['speedup']:.2f}x); "
+        f"max |diff| of the final state {diff:.2e}; peak RSS {result['peak_rss_mb']:.0f} MB"
+    )
     return result
 
 
@@ -111,16 +131,31 @@ def trace_average(lm, args) -> dict:
             average = average_traces(traces)
         except UserError:  # no text so far moved the proxy enough
             continue
-        result = {"texts": chosen[:done], "samples": args.samples, "max_tokens": args.max_tokens,
-                  "seconds": time.perf_counter() - start, **average.as_dict(),
-                  "per_text": [{"text": t.text, "tokens": t.tokens, "clean": t.clean_score,
-                                "corrupted": t.corrupted_score, "seconds": t.seconds,
-                                "peaks": {k: t.peak(k) for k in t.scores}} for t in traces]}
+        result = {
+            "texts": chosen[:done],
+            "samples": args.samples,
+            "max_tokens": args.max_tokens,
+            "seconds": time.perf_counter() - start,
+            **average.as_dict(),
+            "per_text": [
+                {
+                    "text": t.text,
+                    "tokens": t.tokens,
+                    "clean": t.clean_score,
+                    "corrupted": t.corrupted_score,
+                    "seconds": t.seconds,
+                    "peaks": {k: t.peak(k) for k in t.scores},
+                }
+                for t in traces
+            ],
+        }
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(to_jsonable(result), indent=1) + "\n", encoding="utf-8")
         print(f"  traced {done}/{len(chosen)} texts, {time.perf_counter() - start:.0f} s", flush=True)
-    print(f"average over {average.n} tweets ({average.skipped} skipped: corrupting moved the proxy < 0.05), "
-          f"{result['seconds']:.0f} s")
+    print(
+        f"average over {average.n} tweets ({average.skipped} skipped: corrupting moved the proxy < 0.05), "
+        f"{result['seconds']:.0f} s"
+    )
     for kind in average.effects:
         layer, category, effect = average.peak(kind)
         print(f"  {kind}: peak at layer {layer}, {category} (mean signed effect {effect:.3f})")

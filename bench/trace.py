@@ -31,15 +31,12 @@ FACTS = [
 ]
 
 
-def linear_weights_per_block(lm) -> int:
-    """Multiply-adds per token of one block's weight matmuls (Linear and GPT-2 Conv1D modules)."""
-    block = lm.model.get_submodule(f"{lm.arch.blocks}.0")
-    total = 0
-    for module in block.modules():
-        weight = getattr(module, "weight", None)
-        if weight is not None and weight.dim() == 2:
-            total += weight.numel()
-    return total
+def weight_matmuls(lm) -> list:
+    """The modules doing weight matmuls: every 2-D-weight module in the blocks (Linear, GPT-2 Conv1D), and
+    the unembedding."""
+    blocks = lm.model.get_submodule(lm.arch.blocks)
+    modules = [m for m in blocks.modules() if getattr(m, "weight", None) is not None and m.weight.dim() == 2]
+    return [*modules, lm.model.get_submodule(lm.arch.lm_head)]
 
 
 def worker(engine: str, fact: int, kind: str) -> dict:
@@ -51,28 +48,20 @@ def worker(engine: str, fact: int, kind: str) -> dict:
     lm = load_model(device="cpu")
     prompt, subject = FACTS[fact]
     setup = prepare(lm, prompt, subject)
-    counts = {"layer_tokens": 0, "logit_rows": 0}
+    counts = {"macs": 0}
 
-    def count_block(module, args, kwargs, output):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        counts["layer_tokens"] += hidden.shape[0] * hidden.shape[1]
+    def count(module, args, output):
+        rows = args[0].numel() // args[0].shape[-1]
+        counts["macs"] += rows * module.weight.numel()
 
-    def count_logits(module, args, output):
-        counts["logit_rows"] += args[0].numel() // args[0].shape[-1]
-
-    handles = [
-        lm.model.get_submodule(name).register_forward_hook(count_block, with_kwargs=True)
-        for name in lm.arch.block_names(lm.model)
-    ]
-    handles.append(lm.model.get_submodule(lm.arch.lm_head).register_forward_hook(count_logits))
+    handles = [module.register_forward_hook(count) for module in weight_matmuls(lm)]
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     table = trace_kind(setup, kind, engine)
     seconds = time.perf_counter() - start
     for h in handles:
         h.remove()
-    vocab, hidden = lm.model.get_submodule(lm.arch.lm_head).weight.shape
-    macs = counts["layer_tokens"] * linear_weights_per_block(lm) + counts["logit_rows"] * vocab * hidden
+    macs = counts["macs"]
     return {
         "engine": engine,
         "fact": prompt,

@@ -192,7 +192,10 @@ def aie_lines(result, kind: str, width: int | str = 360) -> alt.Chart:
         CATEGORIES,
         kind,
         title=f"Average indirect effect of the {KIND_LABELS.get(kind, kind)}",
-        subtitle=f"{result.n} facts; mean p(answer) {result.mean_high_score:.3f} clean, {result.mean_low_score:.3f} corrupted",
+        subtitle=(
+            f"{result.n} facts; mean p(answer) {result.mean_high_score:.3f} clean, "
+            f"{result.mean_low_score:.3f} corrupted"
+        ),
         width=width,
     )
 

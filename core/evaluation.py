@@ -37,12 +37,16 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class FTHyperParams:
-    """FT-L as the paper's constrained fine-tuning baseline (its GPT-2 XL settings)."""
+    """FT-L, the paper's constrained fine-tuning baseline: its GPT-2 XL settings except the L-infinity bound.
+    The paper's 5e-4 barely moves the 135M embedded model (11 cases spread over data/counterfact_project.json:
+    ES 0.09 PS 0.00 NS 0.96); 2e-3: ES 0.64 PS 0.17 NS 0.77; 5e-3: ES 0.91 PS 0.46 NS 0.66; 1e-2: ES 1.00
+    PS 0.52 NS 0.60; 2e-2: the same. 1e-2 is the smallest bound that makes the edit itself succeed, as FT-L
+    does in the paper, so the comparison shows what it costs in generalisation and specificity."""
 
     layer: int | None = None  # None: the ROME default layer
     steps: int = 25
     lr: float = 5e-4
-    norm_constraint: float = 5e-4  # L-infinity bound on the change of each weight
+    norm_constraint: float = 1e-2  # L-infinity bound on the change of each weight
 
 
 # --- probabilities -----------------------------------------------------------------------------------------

@@ -4,9 +4,13 @@ A restoration at (position i, layer l) cannot change any state at positions < i,
 first restored layer. So for every cell we reuse the corrupted run's states there, and compute only
   - the `samples` corrupted rows (the clean row is recorded once),
   - positions >= i, attending to the corrupted run's recorded keys/values of positions < i,
-  - blocks from the first restored layer up (l + 1 for `hidden`; the window's first layer for mlp/attn),
+  - blocks above the restored one (`hidden`); for mlp/attn the window's first block on position i alone
+    (later positions there are still the corrupted run's), then the blocks above it,
+  - MLP outputs that are read: not position i's where an `mlp` restoration overwrites it, and in the last
+    block only the last position's,
   - the last position's logits.
-Cells before the corrupted span see no noise at all: they equal the low score.
+Cells before the corrupted span see no noise at all: they equal the low score. Windowed cells that start at
+the same block (the first window//2 + 1 layers) are one computation until their windows part.
 
 Cells of one position are batched by layer: walking up the blocks, the cells whose computation starts at a
 block join the batch there, so every block runs once per position on all the cells that need it.
@@ -14,6 +18,8 @@ block join the batch there, so every block runs once per position on all the cel
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +61,41 @@ def record_runs(setup: TraceSetup, kinds: tuple[str, ...] = ("hidden", "mlp", "a
     )
 
 
+@contextmanager
+def mlp_only_where(setup: TraceSetup, block: int, skip_first_rows: int = 0) -> Iterator[None]:
+    """While open, block `block`'s MLP computes only the outputs that are read and gives zeros for the rest:
+    in the last block only the last position's (nothing else reaches the logits); and not position 0 of the
+    first `skip_first_rows` rows (an `mlp` restoration overwrites them)."""
+    lm = setup.lm
+    last_only = block == lm.num_layers - 1
+    if not last_only and not skip_first_rows:
+        yield
+        return
+    mlp = lm.model.get_submodule(lm.arch.layer_name(lm.model, block, "mlp"))
+    own = mlp.__dict__.get("forward")
+    forward = mlp.forward
+    skip = skip_first_rows
+
+    def partial(x: torch.Tensor) -> torch.Tensor:
+        rows, positions = x.shape[:2]
+        out = torch.zeros_like(x)
+        if positions > 1:
+            later = x[:, -1:] if last_only else x[:, 1:]
+            out[:, -later.shape[1] :] = forward(later.contiguous())
+        if (positions == 1 or not last_only) and skip < rows:  # rows whose first position is read
+            out[skip:, :1] = forward(x[skip:, :1].contiguous())
+        return out
+
+    mlp.forward = partial
+    try:
+        yield
+    finally:
+        if own is None:
+            del mlp.forward
+        else:
+            mlp.forward = own
+
+
 def _scores_of(setup: TraceSetup, states: torch.Tensor, cells: int) -> np.ndarray:
     """Mean metric per cell from the last-layer states (cells * samples, positions, H)."""
     logits = final_logits(setup.lm, states[:, -1])
@@ -74,44 +115,87 @@ def hidden_row(setup: TraceSetup, runs: RecordedRuns, position: int) -> np.ndarr
         states = joining if states is None else torch.cat([states, joining])
         if layer + 1 < layers:
             cells = layer + 1
-            states = run_blocks(
-                lm, states, layer + 1, layer + 2, position, PrefixCache(prefix, repeat=cells) if position else None
-            )
+            with mlp_only_where(setup, layer + 1):
+                states = run_blocks(
+                    lm, states, layer + 1, layer + 2, position, PrefixCache(prefix, repeat=cells) if position else None
+                )
     return _scores_of(setup, states, layers)
+
+
+@dataclass
+class _Unit:
+    """Cells whose states are still identical (same restored layers so far), computed as one."""
+
+    cells: list[int]
+    states: torch.Tensor  # (samples, positions >= i, H)
+
+
+def _restored_block(
+    setup: TraceSetup, runs: RecordedRuns, prefix, position: int, kind: str, block: int, states, restored_rows: int
+) -> torch.Tensor:
+    """Block `block` on `states` (copies of the `samples` rows, positions from `position` on) with the `kind`
+    output of the first `restored_rows` rows set back to its clean value at `position`."""
+    lm = setup.lm
+    clean = runs.clean_outputs[kind][block][0, position]
+
+    def restore(x: torch.Tensor, name: str) -> None:
+        x[:restored_rows, 0] = clean
+
+    module = lm.arch.layer_name(lm.model, block, kind)
+    skip = restored_rows if kind == "mlp" else 0
+    copies = len(states) // setup.samples
+    cache = PrefixCache(prefix, repeat=copies) if position else None
+    with Hooks(lm.model, edit={module: restore}), mlp_only_where(setup, block, skip):
+        return run_blocks(lm, states, block, block + 1, position, cache)
+
+
+def _start_unit(
+    setup: TraceSetup, runs: RecordedRuns, prefix, position: int, kind: str, block: int, cells: list[int]
+) -> _Unit:
+    """States after `block`, the first restored layer of `cells`: below it everything is the corrupted run, so
+    at this block only position i changes (its `kind` output restored); later positions keep the corrupted
+    outputs. The block runs on position i alone."""
+    first = runs.block_inputs[block][:, position : position + 1]
+    here = _restored_block(setup, runs, prefix, position, kind, block, first, len(first))
+    later = runs.block_outputs[block][:, position + 1 :]
+    return _Unit(cells, torch.cat([here, later], dim=1))
 
 
 def window_row(setup: TraceSetup, runs: RecordedRuns, position: int, kind: str) -> np.ndarray:
     """Scores of all cells (position, l): the `kind` module's output restored at `position` in every layer of
-    l's window."""
+    l's window.
+
+    Cells are computed in units: cells whose windows start at the same layer share their states until the
+    first layer where their windows part, and are computed once up to there."""
     lm = setup.lm
     layers = lm.num_layers
     windows = [window_layers(layer, setup.window, layers) for layer in range(layers)]
     prefix = slice_prefix(runs.kv, position)
-    clean = runs.clean_outputs[kind]
     samples = setup.samples
-    states = None
-    cells = 0
+    units: list[_Unit] = []
     for block in range(layers):
-        joining = [cell for cell in range(layers) if windows[cell].start == block]
-        if joining:
-            new = runs.block_inputs[block][:, position:].repeat(len(joining), 1, 1)
-            states = new if states is None else torch.cat([states, new])
-            cells += len(joining)
-        if states is None:
-            continue
-        restore_rows = torch.tensor(
-            [block in windows[cell] for cell in range(cells) for _ in range(samples)], device=states.device
-        )
-
-        def restore(x: torch.Tensor, name: str, block=block, rows=restore_rows) -> None:
-            x[rows, 0] = clean[block][0, position]
-
-        module = lm.arch.layer_name(lm.model, block, kind)
-        with Hooks(lm.model, edit={module: restore}):
-            states = run_blocks(
-                lm, states, block, block + 1, position, PrefixCache(prefix, repeat=cells) if position else None
+        if units:
+            # split units whose cells part here (some still restore this block, some not)
+            parted: list[_Unit] = []
+            for unit in units:
+                inside = [c for c in unit.cells if block in windows[c]]
+                outside = [c for c in unit.cells if block not in windows[c]]
+                parted += [_Unit(group, unit.states) for group in (inside, outside) if group]
+            units = sorted(parted, key=lambda u: block not in windows[u.cells[0]])  # restored units first
+            restored = sum(len(u.states) for u in units if block in windows[u.cells[0]])
+            states = _restored_block(
+                setup, runs, prefix, position, kind, block, torch.cat([u.states for u in units]), restored
             )
-    return _scores_of(setup, states, layers)
+            for u, part in zip(units, states.split(samples)):
+                u.states = part
+        starting = [cell for cell in range(layers) if windows[cell].start == block]
+        if starting:
+            units.append(_start_unit(setup, runs, prefix, position, kind, block, starting))
+    scores = _scores_of(setup, torch.cat([u.states for u in units]), len(units))
+    row = np.zeros(layers)
+    for unit, score in zip(units, scores):
+        row[unit.cells] = score
+    return row
 
 
 def fast_kind(

@@ -59,11 +59,16 @@ def slice_prefix(kv: dict[int, LayerKV], end: int, rows: slice | None = None) ->
     return {i: LayerKV(v.keys[rows, :, :end], v.values[rows, :, :end]) for i, v in kv.items()}
 
 
-def _attention_mask(lm: LoadedModel, batch: int, start: int, length: int, device) -> torch.Tensor:
-    """Causal mask for queries at positions [start, start+length) over keys [0, start+length)."""
-    q = torch.arange(start, start + length, device=device)[:, None]
-    k = torch.arange(start + length, device=device)[None, :]
-    allowed = (k <= q)[None, None]
+def _attention_mask(lm: LoadedModel, starts: torch.Tensor, width: int, length: int) -> torch.Tensor:
+    """Mask (rows, 1, length, width + length): row r's queries stand at positions starts[r] + [0, length);
+    they see the first starts[r] of the `width` prefix slots and the new positions causally."""
+    device = starts.device
+    prefix = torch.arange(width, device=device)[None, :] < starts[:, None]  # (rows, width)
+    new = torch.arange(length, device=device)
+    causal = new[None, :] <= new[:, None]  # (length, length)
+    allowed = torch.cat(
+        [prefix[:, None, None, :].expand(-1, 1, length, -1), causal[None, None].expand(len(starts), 1, -1, -1)], dim=-1
+    )
     if lm.model.config._attn_implementation == "eager":
         mask = torch.zeros(allowed.shape, dtype=lm.dtype, device=device)
         return mask.masked_fill(~allowed, torch.finfo(lm.dtype).min)
@@ -78,21 +83,31 @@ def run_blocks(
     hidden: torch.Tensor,
     first: int,
     stop: int | None = None,
-    start_position: int = 0,
+    start_position: int | torch.Tensor = 0,
     prefix: PrefixCache | None = None,
     after_block: BlockHook | None = None,
 ) -> torch.Tensor:
     """Apply blocks first..stop-1 to `hidden` (batch, positions, hidden) standing at absolute positions
     start_position..; `prefix` holds the keys/values of positions < start_position for each layer.
+    `start_position` may be one start per row (a tensor): rows of different prefix lengths in one batch, each
+    prefix right-padded to the longest (the padding is masked out).
     `after_block(layer, h)` may return a replacement for a block's output."""
     arch, model = lm.arch, lm.model
     blocks = model.get_submodule(arch.blocks)
     stop = len(blocks) if stop is None else stop
-    batch, length = hidden.shape[:2]
-    if start_position and prefix is None:
+    length = hidden.shape[1]
+    new = torch.arange(length, device=hidden.device)
+    if isinstance(start_position, torch.Tensor):
+        starts = start_position.to(hidden.device)
+        width = prefix.get_seq_length() if prefix is not None else 0
+        positions = starts[:, None] + new[None, :]
+    else:
+        starts = torch.tensor([start_position], device=hidden.device)
+        width = start_position
+        positions = (start_position + new)[None]  # broadcasts over rows
+    if bool(starts.any()) and prefix is None:
         raise ValueError("positions after 0 need the keys/values of the earlier positions")
-    positions = torch.arange(start_position, start_position + length, device=hidden.device)[None].expand(batch, -1)
-    kwargs: dict = {"attention_mask": _attention_mask(lm, batch, start_position, length, hidden.device)}
+    kwargs: dict = {"attention_mask": _attention_mask(lm, starts, width, length)}
     if arch.rotary is not None:
         kwargs["position_ids"] = positions
         kwargs["position_embeddings"] = model.get_submodule(arch.rotary)(hidden, positions)

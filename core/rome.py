@@ -28,7 +28,7 @@ import torch
 from core.covariance import DEFAULT_CORPUS, DEFAULT_TOKENS, key_statistics, statistics_cached
 from core.edits import Edit, EditRequest
 from core.errors import UserError
-from core.forward import PrefixCache, final_logits, record_kv, run_blocks, slice_prefix
+from core.forward import LayerKV, PrefixCache, final_logits, record_kv, run_blocks
 from core.generation import GenerationSettings, cache_of, generate_ids
 from core.hooks import Hooks
 from core.models import EMBEDDED_MODEL, LoadedModel
@@ -52,11 +52,16 @@ CONTEXT_PREFIXES = ("The", "Therefore", "Because", "I", "You")
 
 @dataclass(frozen=True)
 class RomeHyperParams:
-    """The paper's defaults (GPT-2 XL hyper-parameters of the ROME code), except the statistics corpus."""
+    """The paper's defaults (GPT-2 XL hyper-parameters of the ROME code), except the statistics corpus and the
+    number of context texts: 5 + 5 instead of 10 + 10. Measured on the first 30 cases of
+    data/counterfact_project.json (embedded model, layer 3): 10 + 10 gave ES 0.933 PS 0.967 NS 0.938 and
+    18 s per edit; 5 + 5 gave ES 1.000 PS 0.967 NS 0.954 and 13 s (before the one-batch value optimisation).
+    The plain prompt weighs more in the mean key, which matters when the subject is the prompt's first token
+    (this model's tokenizer adds no BOS, so that token's key is unlike the same token's after a context)."""
 
     layer: int | None = None  # None: `default_layer(lm)`
     key_token: str = "last"  # "last" subject token (the paper) or "strongest" early MLP effect in the subject
-    context_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (tokens, how many) context texts
+    context_lengths: tuple[tuple[int, int], ...] = ((5, 5), (10, 5))  # (tokens, how many) context texts
     steps: int = 20
     lr: float = 0.5
     kl_factor: float = 0.0625
@@ -231,14 +236,30 @@ def strongest_key_offset(lm: LoadedModel, request: EditRequest, layer: int, wind
 
 
 @dataclass
-class _Group:
-    """Rows of equal length and key position: one batched forward of the blocks above the layer."""
+class _Batch:
+    """Every row of the value optimisation as one batch from its key token on: the rows' prefixes differ in
+    length, so each row has its own start and its prefix keys/values are right-padded (masked out)."""
 
-    rows: list[_Row]
-    hidden: torch.Tensor  # block `layer` output at positions key_position.. (rows, positions, H), no delta
-    prefix: PrefixCache  # keys/values of positions < key_position
-    targets: torch.Tensor | None = None  # (rows, target tokens) ids
-    init_log_probs: torch.Tensor | None = None  # KL rows: unedited next-token log-probs
+    hidden: torch.Tensor  # block `layer` output from the key position on, no delta (rows, positions, H), right-padded
+    starts: torch.Tensor  # (rows,) key positions
+    prefix: PrefixCache | None  # keys/values of positions < each row's key position
+    rewrite: torch.Tensor  # (rewrite rows,) row indices
+    target_at: torch.Tensor  # (rewrite rows, target tokens) positions (from the key) whose logits predict a target
+    targets: torch.Tensor  # (rewrite rows, target tokens) ids
+    kl_rows: torch.Tensor  # (KL rows,) row indices
+    kl_at: torch.Tensor  # (KL rows,) position (from the key) of the next-token prediction
+    init_log_probs: torch.Tensor  # (KL rows, vocab) unedited next-token log-probs
+
+
+def _padded(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """Stack tensors that differ in size along `dim`, zero-padded at the end of it."""
+    width = max(t.shape[dim] for t in tensors)
+    padded = []
+    for t in tensors:
+        pad = list(t.shape)
+        pad[dim] = width - t.shape[dim]
+        padded.append(torch.cat([t, t.new_zeros(pad)], dim=dim))
+    return torch.stack(padded)
 
 
 @dataclass
@@ -296,31 +317,60 @@ def compute_edit(
     kl_ids, (kl_start, kl_end) = _subject_tokens(lm, "{} is a", request.subject)
     rows.append(_Row(kl_ids, max(kl_start, kl_end - 1 - offset), [len(kl_ids) - 1], kl=True))
 
-    # 3. one clean forward per group: keys, block outputs at `layer`, keys/values of earlier positions
+    # 3. one clean forward per group of equal-length rows: keys, block outputs at `layer`, keys/values of the
+    #    positions before the key; then all rows as one batch from the key on
     mlp_out = lm.arch.layer_name(lm.model, layer, "mlp_out")
     block = lm.arch.layer_name(lm.model, layer, "hidden")
-    groups: dict[tuple[int, int, bool], list[_Row]] = {}
-    for row in rows:
-        groups.setdefault((len(row.ids), row.key_position, row.kl), []).append(row)
-    keys, outputs, built = [], [], []
+    groups: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(len(row.ids), []).append(i)
+    hidden: list[torch.Tensor | None] = [None] * len(rows)
+    prefix_kv: list[dict | None] = [None] * len(rows)
+    keys: list[torch.Tensor | None] = [None] * len(rows)
+    outputs: list[torch.Tensor | None] = [None] * len(rows)
+    init_log_probs = []
     with torch.no_grad():
-        for (length, key_pos, _), members in groups.items():
-            ids = torch.tensor([r.ids for r in members], device=lm.device)
+        for members in groups.values():
+            ids = torch.tensor([rows[i].ids for i in members], device=lm.device)
             with Hooks(lm.model, record=[block, mlp_out], record_inputs=[mlp_out]) as hooks:
                 out = lm.model(input_ids=ids, use_cache=True)
-            prefix = PrefixCache(slice_prefix(record_kv(cache_of(out)), key_pos))
-            group = _Group(members, hooks.outputs[block][:, key_pos:].float(), prefix)
-            rewrite = [i for i, r in enumerate(members) if not r.kl]
-            for i, r in enumerate(members):
-                if not r.kl:
-                    keys.append(hooks.inputs[mlp_out][i, key_pos].float())
-                    outputs.append(hooks.outputs[mlp_out][i, key_pos].float())
-            if rewrite:
-                group.targets = torch.tensor([new] * len(members), device=lm.device)
-            else:
-                group.init_log_probs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-            built.append(group)
-    key = torch.stack(keys).mean(0)
+            kv = record_kv(cache_of(out))
+            for j, i in enumerate(members):
+                pos = rows[i].key_position
+                hidden[i] = hooks.outputs[block][j, pos:].float()
+                prefix_kv[i] = {layer_: (v.keys[j, :, :pos], v.values[j, :, :pos]) for layer_, v in kv.items()}
+                keys[i] = hooks.inputs[mlp_out][j, pos].float()
+                outputs[i] = hooks.outputs[mlp_out][j, pos].float()
+                if rows[i].kl:
+                    init_log_probs.append(torch.log_softmax(out.logits[j, -1].float(), dim=-1))
+        rewrite = [i for i, r in enumerate(rows) if not r.kl]
+        kl_rows = [i for i, r in enumerate(rows) if r.kl]
+        width = max(r.key_position for r in rows)
+        prefix = None
+        if width:
+            prefix = PrefixCache(
+                {
+                    layer_: LayerKV(
+                        _padded([kv[layer_][0] for kv in prefix_kv], dim=1),
+                        _padded([kv[layer_][1] for kv in prefix_kv], dim=1),
+                    )
+                    for layer_ in prefix_kv[0]
+                }
+            )
+        batch = _Batch(
+            hidden=_padded(hidden, dim=0),
+            starts=torch.tensor([r.key_position for r in rows], device=lm.device),
+            prefix=prefix,
+            rewrite=torch.tensor(rewrite, device=lm.device),
+            target_at=torch.tensor(
+                [[t - rows[i].key_position for t in rows[i].target_positions] for i in rewrite], device=lm.device
+            ),
+            targets=torch.tensor([new] * len(rewrite), device=lm.device),
+            kl_rows=torch.tensor(kl_rows, device=lm.device, dtype=torch.long),
+            kl_at=torch.tensor([len(rows[i].ids) - 1 - rows[i].key_position for i in kl_rows], device=lm.device),
+            init_log_probs=torch.stack(init_log_probs),
+        )
+    key = torch.stack([keys[i] for i in rewrite]).mean(0)
     target_init = outputs[0]  # W's output for the plain prompt (the first context is empty)
     timings.key_seconds = time.perf_counter() - edit_start
 
@@ -329,16 +379,9 @@ def compute_edit(
     delta = torch.zeros(lm.hidden_size, device=lm.device, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=hp.lr)
     max_norm = hp.clamp_norm_factor * target_init.norm()
-    n_rewrite = sum(not r.kl for r in rows)
     for step in range(hp.steps):
         optimiser.zero_grad()
-        nll = torch.zeros((), device=lm.device)
-        kl = torch.zeros((), device=lm.device)
-        for group in built:
-            nll_g, kl_g = _group_losses(lm, group, delta, layer)
-            nll = nll + nll_g
-            kl = kl + kl_g
-        nll = nll / n_rewrite
+        nll, kl = _losses(lm, batch, delta, layer)
         loss = nll + hp.kl_factor * kl + hp.weight_decay * delta.norm() / target_init.norm() ** 2
         timings.losses.append(round(loss.item(), 5))
         timings.nll.append(round(nll.item(), 5))
@@ -377,7 +420,7 @@ def compute_edit(
         "steps": timings.steps,
         "losses": timings.losses,
         "nll": timings.nll,
-        "groups": len(built),
+        "groups": len(groups),
         "cpu_seconds": time.process_time() - cpu_start,
         "total_seconds": time.perf_counter() - started,
     }
@@ -393,20 +436,15 @@ def compute_edit(
     )
 
 
-def _group_losses(lm: LoadedModel, group: _Group, delta: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed per-row NLL of the target (mean over its tokens) and summed KL of the group's rows."""
-    key_pos = group.rows[0].key_position
-    hidden = group.hidden.clone()
+def _losses(lm: LoadedModel, batch: _Batch, delta: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean NLL of the target over the rewrite rows (each the mean over its tokens) and the summed KL of the
+    KL rows, with `delta` added to block `layer`'s output at every row's key token."""
+    hidden = batch.hidden.clone()
     hidden[:, 0] = hidden[:, 0] + delta
-    states = run_blocks(lm, hidden.to(lm.dtype), first=layer + 1, start_position=key_pos, prefix=group.prefix)
-    zero = torch.zeros((), device=lm.device)
-    if group.targets is not None:
-        positions = torch.tensor(group.rows[0].target_positions, device=lm.device) - key_pos
-        logits = final_logits(lm, states[:, positions]).float()
-        log_probs = torch.log_softmax(logits, dim=-1)
-        picked = log_probs.gather(-1, group.targets[:, :, None])[..., 0]  # (rows, target tokens)
-        return -picked.mean(dim=1).sum(), zero
-    logits = final_logits(lm, states[:, -1]).float()
-    log_probs = torch.log_softmax(logits, dim=-1)
-    kl = torch.nn.functional.kl_div(group.init_log_probs, log_probs, log_target=True, reduction="batchmean")
-    return zero, kl * len(group.rows)
+    states = run_blocks(lm, hidden.to(lm.dtype), first=layer + 1, start_position=batch.starts, prefix=batch.prefix)
+    logits = final_logits(lm, states[batch.rewrite[:, None], batch.target_at]).float()
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, batch.targets[..., None])[..., 0]
+    nll = -picked.mean(dim=1).mean()
+    log_probs = torch.log_softmax(final_logits(lm, states[batch.kl_rows, batch.kl_at]).float(), dim=-1)
+    kl = torch.nn.functional.kl_div(batch.init_log_probs, log_probs, log_target=True, reduction="sum")
+    return nll, kl

@@ -293,8 +293,13 @@ def weights_fingerprint(lm: LoadedModel) -> str:
     """A cheap fingerprint of the weights that edits change (every layer's MLP output projection), so a
     cache never serves what an unedited model read to an edited one."""
     with torch.no_grad():
-        sums = [(lm.arch.mlp_out_weight(lm.model, l).double().sum().item(),
-                 lm.arch.mlp_out_weight(lm.model, l).double().abs().sum().item()) for l in range(lm.num_layers)]
+        sums = [
+            (
+                lm.arch.mlp_out_weight(lm.model, l).double().sum().item(),
+                lm.arch.mlp_out_weight(lm.model, l).double().abs().sum().item(),
+            )
+            for l in range(lm.num_layers)
+        ]
     return hashlib.sha256(repr(sums).encode()).hexdigest()[:16]
 
 
@@ -335,8 +340,11 @@ def extract_features(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.partial")  # written whole, then renamed: never half a file
     safetensors.numpy.save_file(
-        {"final": features.final, "hidden": np.stack([features.hidden[l] for l in range(lm.num_layers)]),
-         "tokens": np.asarray([features.tokens], dtype=np.int64)},
+        {
+            "final": features.final,
+            "hidden": np.stack([features.hidden[l] for l in range(lm.num_layers)]),
+            "tokens": np.asarray([features.tokens], dtype=np.int64),
+        },
         str(tmp),
     )
     tmp.replace(path)
@@ -382,13 +390,21 @@ class LinearReader:
         return (self.decision(x) > 0).astype(np.int64)
 
     def to_dict(self) -> dict:
-        return {"mean": self.mean.tolist(), "scale": self.scale.tolist(), "coef": self.coef.tolist(),
-                "intercept": self.intercept}
+        return {
+            "mean": self.mean.tolist(),
+            "scale": self.scale.tolist(),
+            "coef": self.coef.tolist(),
+            "intercept": self.intercept,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> "LinearReader":
-        return cls(np.asarray(data["mean"], dtype=np.float64), np.asarray(data["scale"], dtype=np.float64),
-                   np.asarray(data["coef"], dtype=np.float64), float(data["intercept"]))
+        return cls(
+            np.asarray(data["mean"], dtype=np.float64),
+            np.asarray(data["scale"], dtype=np.float64),
+            np.asarray(data["coef"], dtype=np.float64),
+            float(data["intercept"]),
+        )
 
 
 @dataclass
@@ -402,8 +418,14 @@ class FeelingProxy:
     reader: LinearReader
 
     @classmethod
-    def fit(cls, lm: LoadedModel, features: Features, labels: np.ndarray, words: Sequence[str] = DEFAULT_WORDS,
-            suffix: str = DEFAULT_SUFFIX) -> "FeelingProxy":
+    def fit(
+        cls,
+        lm: LoadedModel,
+        features: Features,
+        labels: np.ndarray,
+        words: Sequence[str] = DEFAULT_WORDS,
+        suffix: str = DEFAULT_SUFFIX,
+    ) -> "FeelingProxy":
         """Fit on features read with the same `words` and `suffix`."""
         reader = LinearReader.fit(features.feeling(lm, words), labels)
         return cls(lm.name, (words[0], words[1]), word_ids(lm, words), suffix, reader)
@@ -421,13 +443,24 @@ class FeelingProxy:
         return torch.sigmoid(((logp - mean) / scale) @ coef + r.intercept).to(logits.dtype)
 
     def to_dict(self) -> dict:
-        return {"kind": "feeling", "model": self.model_name, "words": list(self.words),
-                "word_ids": list(self.word_ids), "suffix": self.suffix, "reader": self.reader.to_dict()}
+        return {
+            "kind": "feeling",
+            "model": self.model_name,
+            "words": list(self.words),
+            "word_ids": list(self.word_ids),
+            "suffix": self.suffix,
+            "reader": self.reader.to_dict(),
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> "FeelingProxy":
-        return cls(data["model"], tuple(data["words"]), tuple(data["word_ids"]), data["suffix"],
-                   LinearReader.from_dict(data["reader"]))
+        return cls(
+            data["model"],
+            tuple(data["words"]),
+            tuple(data["word_ids"]),
+            data["suffix"],
+            LinearReader.from_dict(data["reader"]),
+        )
 
 
 @dataclass
@@ -441,8 +474,15 @@ class HiddenProbe:
     c: float = DEFAULT_PROBE_C
 
     @classmethod
-    def fit(cls, lm: LoadedModel, features: Features, labels: np.ndarray, layer: int,
-            suffix: str = DEFAULT_SUFFIX, c: float = DEFAULT_PROBE_C) -> "HiddenProbe":
+    def fit(
+        cls,
+        lm: LoadedModel,
+        features: Features,
+        labels: np.ndarray,
+        layer: int,
+        suffix: str = DEFAULT_SUFFIX,
+        c: float = DEFAULT_PROBE_C,
+    ) -> "HiddenProbe":
         if layer not in features.hidden:
             raise ValueError(f"the features hold no hidden states of layer {layer}")
         return cls(lm.name, layer, suffix, LinearReader.fit(features.hidden[layer], labels, c=c), c)
@@ -451,17 +491,29 @@ class HiddenProbe:
         return self.reader.predict(features.hidden[self.layer])
 
     def to_dict(self) -> dict:
-        return {"kind": "probe", "model": self.model_name, "layer": self.layer, "suffix": self.suffix, "c": self.c,
-                "reader": self.reader.to_dict()}
+        return {
+            "kind": "probe",
+            "model": self.model_name,
+            "layer": self.layer,
+            "suffix": self.suffix,
+            "c": self.c,
+            "reader": self.reader.to_dict(),
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> "HiddenProbe":
-        return cls(data["model"], int(data["layer"]), data["suffix"], LinearReader.from_dict(data["reader"]),
-                   float(data.get("c", DEFAULT_PROBE_C)))
+        return cls(
+            data["model"],
+            int(data["layer"]),
+            data["suffix"],
+            LinearReader.from_dict(data["reader"]),
+            float(data.get("c", DEFAULT_PROBE_C)),
+        )
 
 
-def probe_layer_sweep(features: Features, labels: np.ndarray, folds: int = 5, c: float = DEFAULT_PROBE_C,
-                      progress: Progress | None = None) -> dict[int, float]:
+def probe_layer_sweep(
+    features: Features, labels: np.ndarray, folds: int = 5, c: float = DEFAULT_PROBE_C, progress: Progress | None = None
+) -> dict[int, float]:
     """Cross-validated accuracy (on the training texts only) of a probe at each layer in `features.hidden`."""
     labels = np.asarray(labels)
     smallest = int(min(np.bincount(labels, minlength=2)))
@@ -502,11 +554,21 @@ class SentimentReport:
 
     def as_dict(self) -> dict:
         return {
-            "proxy": self.proxy, "accuracy": self.accuracy, "n": self.n, "counts": self.counts,
-            "confusion": self.confusion, "confusion_labels": list(CLASSES), "seconds": self.seconds,
-            "forward_seconds": self.forward_seconds, "texts_per_second": self.texts_per_second,
-            "n_train": self.n_train, "train_accuracy": self.train_accuracy, "layer": self.layer,
-            "layer_sweep": self.layer_sweep, "cached": self.cached, "reader": self.reader,
+            "proxy": self.proxy,
+            "accuracy": self.accuracy,
+            "n": self.n,
+            "counts": self.counts,
+            "confusion": self.confusion,
+            "confusion_labels": list(CLASSES),
+            "seconds": self.seconds,
+            "forward_seconds": self.forward_seconds,
+            "texts_per_second": self.texts_per_second,
+            "n_train": self.n_train,
+            "train_accuracy": self.train_accuracy,
+            "layer": self.layer,
+            "layer_sweep": self.layer_sweep,
+            "cached": self.cached,
+            "reader": self.reader,
         }
 
 

@@ -100,10 +100,18 @@ class SentimentTrace:
 
     def as_dict(self) -> dict:
         return {
-            "text": self.text, "prompt": self.prompt, "tokens": self.tokens, "text_range": list(self.text_range),
-            "corrupt_range": list(self.corrupt_range), "clean_score": self.clean_score,
-            "corrupted_score": self.corrupted_score, "samples": self.samples, "window": self.window,
-            "noise": self.noise, "seconds": self.seconds, "proxy": self.proxy,
+            "text": self.text,
+            "prompt": self.prompt,
+            "tokens": self.tokens,
+            "text_range": list(self.text_range),
+            "corrupt_range": list(self.corrupt_range),
+            "clean_score": self.clean_score,
+            "corrupted_score": self.corrupted_score,
+            "samples": self.samples,
+            "window": self.window,
+            "noise": self.noise,
+            "seconds": self.seconds,
+            "proxy": self.proxy,
             "scores": {kind: table.tolist() for kind, table in self.scores.items()},
         }
 
@@ -189,8 +197,9 @@ def trace_sentiment(
         corrupt = text_range
     elif isinstance(span, str):
         try:
-            corrupt = subject_token_range(lm.tokenizer, prompt, span, ids,
-                                          lm.tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"])
+            corrupt = subject_token_range(
+                lm.tokenizer, prompt, span, ids, lm.tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+            )
         except PromptError:
             raise UserError(f"the span {span.strip()!r} does not occur in the text") from None
         if corrupt[1] > text_range[1]:
@@ -199,12 +208,33 @@ def trace_sentiment(
         corrupt = (int(span[0]), int(span[1]))
         if not text_range[0] <= corrupt[0] < corrupt[1] <= text_range[1]:
             raise UserError(f"the span {tuple(span)} is not a token range inside the text's {text_range[1]} tokens")
-    result = trace(lm, prompt, None, kinds=kinds, samples=samples, noise=noise, window=window, engine="fast",
-                   corrupt_range=corrupt, metric=proxy.positive_probability_from_logits, progress=progress)
+    result = trace(
+        lm,
+        prompt,
+        None,
+        kinds=kinds,
+        samples=samples,
+        noise=noise,
+        window=window,
+        engine="fast",
+        corrupt_range=corrupt,
+        metric=proxy.positive_probability_from_logits,
+        progress=progress,
+    )
     return SentimentTrace(
-        text=text.strip(), prompt=prompt, tokens=result.tokens, text_range=text_range, corrupt_range=corrupt,
-        clean_score=result.high_score, corrupted_score=result.low_score, scores=result.scores,
-        samples=samples, window=window, noise=result.noise, seconds=result.seconds, proxy=proxy.to_dict(),
+        text=text.strip(),
+        prompt=prompt,
+        tokens=result.tokens,
+        text_range=text_range,
+        corrupt_range=corrupt,
+        clean_score=result.high_score,
+        corrupted_score=result.low_score,
+        scores=result.scores,
+        samples=samples,
+        window=window,
+        noise=result.noise,
+        seconds=result.seconds,
+        proxy=proxy.to_dict(),
     )
 
 
@@ -224,9 +254,13 @@ class AverageSentimentTrace:
         return int(layer), CATEGORIES[row], float(self.effects[kind][row, layer])
 
     def as_dict(self) -> dict:
-        return {"n": self.n, "skipped": self.skipped, "categories": list(CATEGORIES),
-                "effects": {k: v.tolist() for k, v in self.effects.items()},
-                "peaks": {k: dict(zip(("layer", "category", "effect"), self.peak(k))) for k in self.effects}}
+        return {
+            "n": self.n,
+            "skipped": self.skipped,
+            "categories": list(CATEGORIES),
+            "effects": {k: v.tolist() for k, v in self.effects.items()},
+            "peaks": {k: dict(zip(("layer", "category", "effect"), self.peak(k))) for k in self.effects},
+        }
 
 
 def average_traces(traces: Sequence[SentimentTrace], min_gap: float = 0.05) -> AverageSentimentTrace:
@@ -260,8 +294,9 @@ def average_sentiment_trace(
     progress(done, total) counts texts."""
     traces = []
     for done, text in enumerate(texts, start=1):
-        traces.append(trace_sentiment(lm, text, proxy, kinds=kinds, samples=samples, window=window,
-                                      max_tokens=max_tokens))
+        traces.append(
+            trace_sentiment(lm, text, proxy, kinds=kinds, samples=samples, window=window, max_tokens=max_tokens)
+        )
         if progress:
             progress(done, len(texts))
     return average_traces(traces, min_gap)

@@ -105,7 +105,10 @@ with st.container(border=True):
         step=0.01,
         format="%.4f",
         key="trace_noise",
-        help=f"Standard deviation of the noise on the subject's embeddings; default 3 × the embedding std = {noise_default:.4f}.",
+        help=(
+            "Standard deviation of the noise on the subject's embeddings; "
+            f"default 3 × the embedding std = {noise_default:.4f}."
+        ),
     )
     window = c4.number_input(
         "Window",

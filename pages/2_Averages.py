@@ -41,7 +41,10 @@ with st.container(border=True):
             "JSON list of records {subject, prompt, attribute}",
             type=["json"],
             key="aie_upload",
-            help='e.g. [{"subject": "The Eiffel Tower", "prompt": "The Eiffel Tower is located in the city of", "attribute": "Paris"}]',
+            help=(
+                'e.g. [{"subject": "The Eiffel Tower", '
+                '"prompt": "The Eiffel Tower is located in the city of", "attribute": "Paris"}]'
+            ),
         )
     c1, c2, c3 = st.columns([1, 1, 3])
     limit = c1.number_input(

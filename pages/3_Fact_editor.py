@@ -56,7 +56,10 @@ with st.form("edit_form"):
         lm.num_layers - 1,
         layer_default,
         key="edit_layer",
-        help="The MLP whose output matrix is rewritten; the default is where this model's MLP effect at the last subject token peaks.",
+        help=(
+            "The MLP whose output matrix is rewritten; "
+            "the default is where this model's MLP effect at the last subject token peaks."
+        ),
     )
     steps = c2.number_input(
         "Optimisation steps",

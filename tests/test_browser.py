@@ -138,8 +138,10 @@ def wait_idle(page, timeout: float = 120_000) -> None:
     page.wait_for_selector('[data-testid="stApp"]', timeout=timeout)
     page.wait_for_timeout(500)
     page.wait_for_function(
-        """() => !document.querySelector('[data-testid="stStatusWidgetRunningIcon"], [data-testid="stStatusWidgetRunningManIcon"]')
-             && !Array.from(document.querySelectorAll('[data-testid="stStatusWidget"]')).some(e => /Running/i.test(e.innerText))""",
+        """() => !document.querySelector(
+                   '[data-testid="stStatusWidgetRunningIcon"], [data-testid="stStatusWidgetRunningManIcon"]')
+             && !Array.from(document.querySelectorAll('[data-testid="stStatusWidget"]'))
+                   .some(e => /Running/i.test(e.innerText))""",
         timeout=timeout,
     )
     page.locator("h1").first.wait_for(timeout=timeout)

@@ -46,8 +46,16 @@ from core.sentiment_trace import (
 ROOT = Path(__file__).resolve().parent.parent
 TWEETS = ROOT.parent / "shared" / "data" / "tweeteval_sentiment"
 
-SHORT = ["I love it!", "This is awful.", "Great day at the beach with friends", "The bus was late again",
-         "What a wonderful surprise", "I hate waiting", "Best pizza ever", "Worst service in town, never again"]
+SHORT = [
+    "I love it!",
+    "This is awful.",
+    "Great day at the beach with friends",
+    "The bus was late again",
+    "What a wonderful surprise",
+    "I hate waiting",
+    "Best pizza ever",
+    "Worst service in town, never again",
+]
 SHORT_LABELS = np.array([1, 0, 1, 0, 1, 0, 1, 0])
 
 
@@ -84,7 +92,7 @@ def test_load_csv_with_01_labels_quotes_and_bytes():
         ("text\tlabel\nhi\tpositive\n\t0\n", "row 3 of"),
         ("text\tlabel\nhi\tneutral\n", "no positive or negative rows"),
         ("", "is empty"),
-        ("text,label\n\"open quote,1\n", "cannot be parsed"),
+        ('text,label\n"open quote,1\n', "cannot be parsed"),
     ],
 )
 def test_malformed_files_raise_one_clear_error(tmp_path, content, message):
@@ -241,8 +249,14 @@ def test_feature_cache_reuses_reads_and_notices_edits(tiny, tmp_path, monkeypatc
 
 def test_token_categories_follow_the_paper():
     groups = token_categories((0, 4), 7)
-    assert groups == {"first corrupted token": [0], "middle corrupted tokens": [1, 2], "last corrupted token": [3],
-                      "first token after": [4], "further tokens": [5], "last token": [6]}
+    assert groups == {
+        "first corrupted token": [0],
+        "middle corrupted tokens": [1, 2],
+        "last corrupted token": [3],
+        "first token after": [4],
+        "further tokens": [5],
+        "last token": [6],
+    }
     one = token_categories((2, 3), 6)
     assert one["first corrupted token"] == one["last corrupted token"] == [2] and one["further tokens"] == [4]
 
@@ -298,8 +312,15 @@ def test_trace_cost_grows_with_the_square_of_the_traced_length():
 def test_average_trace_by_category(tiny):
     proxy = FeelingProxy.fit(tiny, read_texts(tiny, SHORT), SHORT_LABELS)
     calls = []
-    average = average_sentiment_trace(tiny, ["I love it!", "The bus was late."], proxy, kinds=("hidden",),
-                                      samples=1, min_gap=0.0, progress=lambda d, t: calls.append(d))
+    average = average_sentiment_trace(
+        tiny,
+        ["I love it!", "The bus was late."],
+        proxy,
+        kinds=("hidden",),
+        samples=1,
+        min_gap=0.0,
+        progress=lambda d, t: calls.append(d),
+    )
     assert average.n + average.skipped == 2 and calls == [1, 2]
     assert average.effects["hidden"].shape == (len(CATEGORIES), tiny.num_layers)
     layer, category, _ = average.peak("hidden")
@@ -361,8 +382,14 @@ def test_sentiment_trace_on_the_embedded_model(embedded):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "core", "sentiment", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [sys.executable, "-m", "core", "sentiment", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 def test_cli_bad_file_is_one_line_error(tmp_path):
@@ -381,15 +408,28 @@ def test_cli_evaluate_and_trace(tmp_path):
     (tmp_path / "train.tsv").write_text("\n".join(rows[:41]) + "\n")
     (tmp_path / "test.tsv").write_text("\n".join([rows[0], *rows[41:61]]) + "\n")
     out = tmp_path / "e.json"
-    result = _cli("evaluate", "--train", str(tmp_path / "train.tsv"), "--test", str(tmp_path / "test.tsv"),
-                  "--proxy", "probe", "--layer", "15", "--no-cache", "--json", str(out))
+    result = _cli(
+        "evaluate",
+        "--train",
+        str(tmp_path / "train.tsv"),
+        "--test",
+        str(tmp_path / "test.tsv"),
+        "--proxy",
+        "probe",
+        "--layer",
+        "15",
+        "--no-cache",
+        "--json",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["n"] == sum(report["counts"].values()) and report["layer"] == 15
     assert report["texts_per_second"] > 0 and 0 <= report["accuracy"] <= 1
     trace_out = tmp_path / "t.json"
-    result = _cli("trace", "--text", "What a lovely day!", "--kind", "hidden", "--samples", "1",
-                  "--json", str(trace_out))
+    result = _cli(
+        "trace", "--text", "What a lovely day!", "--kind", "hidden", "--samples", "1", "--json", str(trace_out)
+    )
     assert result.returncode == 0, result.stderr
     traced = json.loads(trace_out.read_text())
     assert traced["tokens"][-1] == " feeling" and traced["clean_score"] != traced["corrupted_score"]

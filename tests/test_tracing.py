@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from core.fast_tracing import fast_kind, record_runs
+from core.tiny import tiny_model
 from core.tracing import KINDS, make_noise, naive_kind, naive_scores, prepare, trace, trace_kind, window_layers
 
 PROMPT = "Paris is the capital of the Eiffel Tower country named"
@@ -27,6 +28,15 @@ def test_fast_equals_naive_on_every_cell(tiny, kind):
     assert naive.shape == fast.shape == (len(setup.prompt.input_ids), tiny.num_layers)
     assert naive.max() - naive.min() > 0.5  # the restorations really move the metric
     np.testing.assert_allclose(fast, naive, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("window", [1, 2, 6, 9])
+def test_fast_equals_naive_for_any_window(tiny, window):
+    """Windows of one layer, of shared starts, wider than the model (every cell restores every layer)."""
+    tiny6 = tiny_model(tiny.name.removeprefix("tiny-"), tiny.tokenizer, layers=6)
+    setup = prepare(tiny6, PROMPT, SUBJECT, samples=2, window=window, noise=0.5, metric=logit_metric)
+    for kind in ("mlp", "attn"):
+        np.testing.assert_allclose(fast_kind(setup, kind), naive_kind(setup, kind), atol=1e-4, rtol=0)
 
 
 def test_fast_equals_naive_with_probability_metric(tiny):

@@ -50,8 +50,9 @@ def run(args: argparse.Namespace) -> dict:
         )
     fluency = "-" if result.fluency is None else f"{result.fluency:.3f}"
     print(
-        f"{args.method}: n={result.n} (skipped {result.skipped})  ES {result.efficacy:.3f}  PS {result.paraphrase:.3f}  "
-        f"NS {result.neighborhood:.3f}  S {result.score:.3f}  fluency {fluency}  ({result.seconds:.0f} s)"
+        f"{args.method}: n={result.n} (skipped {result.skipped})  ES {result.efficacy:.3f}  "
+        f"PS {result.paraphrase:.3f}  NS {result.neighborhood:.3f}  S {result.score:.3f}  fluency {fluency}  "
+        f"({result.seconds:.0f} s)"
     )
     out = result.to_json()
     out.update(

@@ -75,16 +75,26 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     lm = load(args)
     bar = _Bar("reading texts")
     try:
-        report = evaluate(lm, train, test, proxy=args.proxy, layer=args.layer, words=args.words or DEFAULT_WORDS,
-                          cache=not args.no_cache, progress=bar)
+        report = evaluate(
+            lm,
+            train,
+            test,
+            proxy=args.proxy,
+            layer=args.layer,
+            words=args.words or DEFAULT_WORDS,
+            cache=not args.no_cache,
+            progress=bar,
+        )
     finally:
         bar.close()
     result = {"model": lm.name, "train": args.train, "test": args.test, **report.as_dict()}
     (tn, fp), (fn, tp) = report.confusion
     speed = f"{report.texts_per_second:.1f} texts/s" if report.texts_per_second else "features from the cache"
     where = f" at layer {report.layer}" if report.layer is not None else ""
-    print(f"{args.proxy}{where}: accuracy {report.accuracy:.3f} on {report.n} texts {report.counts}; "
-          f"confusion [[tn {tn}, fp {fp}], [fn {fn}, tp {tp}]]; {report.seconds:.1f} s, {speed}")
+    print(
+        f"{args.proxy}{where}: accuracy {report.accuracy:.3f} on {report.n} texts {report.counts}; "
+        f"confusion [[tn {tn}, fp {fp}], [fn {fn}, tp {tp}]]; {report.seconds:.1f} s, {speed}"
+    )
     return result
 
 
@@ -103,13 +113,24 @@ def run_trace(args: argparse.Namespace) -> dict:
     kinds = ("hidden", "mlp", "attn") if args.kind == "all" else (args.kind,)
     bar = _Bar("tracing")
     try:
-        result = trace_sentiment(lm, args.text, proxy, span=args.span, kinds=kinds, samples=args.samples,
-                                 window=args.window, max_tokens=args.max_tokens or MAX_TRACE_TOKENS, progress=bar)
+        result = trace_sentiment(
+            lm,
+            args.text,
+            proxy,
+            span=args.span,
+            kinds=kinds,
+            samples=args.samples,
+            window=args.window,
+            max_tokens=args.max_tokens or MAX_TRACE_TOKENS,
+            progress=bar,
+        )
     finally:
         bar.close()
     for kind in kinds:
         layer, token = result.peak(kind)
-        print(f"{kind}: strongest restoration at layer {layer}, token {result.tokens[token]!r} "
-              f"(p(positive) {result.scores[kind][token, layer]:.3f})")
+        print(
+            f"{kind}: strongest restoration at layer {layer}, token {result.tokens[token]!r} "
+            f"(p(positive) {result.scores[kind][token, layer]:.3f})"
+        )
     print(f"clean p(positive) {result.clean_score:.3f}, corrupted {result.corrupted_score:.3f}, {result.seconds:.1f} s")
     return {"model": lm.name, **result.as_dict()}
