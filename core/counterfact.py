@@ -8,13 +8,13 @@ A malformed record raises a UserError naming the record (its index and case_id) 
 
 from __future__ import annotations
 
-import json
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import UserError
+from core.jsonfile import read_json
 from core.models import cache_dir
 
 PUBLIC = "counterfact"  # the name that means the public file
@@ -129,12 +129,7 @@ def download_public(timeout: float = 60.0) -> Path:
 def load_counterfact(source: str | Path = PROJECT_FILE, limit: int | None = None) -> list[CounterFactCase]:
     """Cases from a local CounterFact-format file, or the public file when `source` is "counterfact"."""
     path = download_public() if str(source) == PUBLIC else Path(source)
-    if not path.is_file():
-        raise UserError(f"CounterFact file {str(path)!r} does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"CounterFact file {str(path)!r} is not valid JSON ({err})") from None
+    data = read_json(path, "CounterFact file")
     if limit is not None:
         if limit < 1:
             raise UserError(f"the limit must be at least 1 (got {limit})")

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from core.errors import UserError
+from core.jsonfile import read_json
 from core.models import LoadedModel
 
 DEFAULT_FACTS = Path(__file__).resolve().parent.parent / "data" / "known_facts.json"
@@ -34,12 +35,7 @@ class Prediction:
 def load_facts(path: str | Path = DEFAULT_FACTS) -> list[Fact]:
     """Read a facts file, checking every record; a bad record is named in the error."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"facts file {str(path)!r} does not exist")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"facts file {str(path)!r} is not valid JSON ({err})") from None
+    records = read_json(path, "facts file")
     if not isinstance(records, list) or not records:
         raise UserError(f"facts file {str(path)!r} must hold a non-empty JSON list of records")
     facts = []

@@ -272,8 +272,11 @@ def naive_kind(setup: TraceSetup, kind: str, progress: Progress | None = None) -
     return table
 
 
-def trace_kind(setup: TraceSetup, kind: str, engine: str = "fast", progress: Progress | None = None) -> np.ndarray:
-    """The (tokens, layers) table of restored scores for one kind."""
+def trace_kind(
+    setup: TraceSetup, kind: str, engine: str = "fast", progress: Progress | None = None, runs=None
+) -> np.ndarray:
+    """The (tokens, layers) table of restored scores for one kind (`runs`: the fast engine's recording of the
+    clean and corrupted runs, when the caller already has it)."""
     if kind not in KINDS:
         raise UserError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
     if engine == "naive":
@@ -281,7 +284,7 @@ def trace_kind(setup: TraceSetup, kind: str, engine: str = "fast", progress: Pro
     if engine == "fast":
         from core.fast_tracing import fast_kind
 
-        return fast_kind(setup, kind, progress)
+        return fast_kind(setup, kind, progress, runs)
     raise UserError(f"unknown engine {engine!r}: use fast or naive")
 
 
@@ -312,10 +315,15 @@ def trace(
     )
     scores, kind_seconds = {}, {}
     rows = setup.num_tokens
+    runs = None
+    if engine == "fast":  # the clean and corrupted runs, recorded once for every kind
+        from core.fast_tracing import record_runs
+
+        runs = record_runs(setup, tuple(kinds))
     for k, kind in enumerate(kinds):
         kind_start = time.perf_counter()
         kind_progress = (lambda done, total, k=k: progress(k * rows + done, len(kinds) * rows)) if progress else None
-        scores[kind] = trace_kind(setup, kind, engine, kind_progress)
+        scores[kind] = trace_kind(setup, kind, engine, kind_progress, runs)
         kind_seconds[kind] = time.perf_counter() - kind_start
     return result_from(setup, scores, engine, time.perf_counter() - started, kind_seconds)
 

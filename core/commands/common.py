@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from core.errors import UserError
 from core.models import EMBEDDED_MODEL, LoadedModel, load_model
 
 
@@ -41,16 +40,6 @@ def non_negative_float(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
     return value
-
-
-def read_json_file(path: str | Path, what: str = "file"):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} {str(path)!r} does not exist")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{what} {str(path)!r} is not valid JSON ({err})") from None
 
 
 def to_jsonable(value):
