@@ -1,7 +1,9 @@
 """Key statistics for ROME: C = E[k k^T] of the keys (inputs of the MLP output projection) at one layer.
 
 Computed once per (model, layer, corpus, size) and cached as safetensors under
-`core.models.cache_dir() / "stats"`; the corpus is cached there too.
+`core.models.cache_dir() / "stats"`; the corpus is cached there too. Always computed on the model's unedited
+weights (`core.edits.unedited`): statistics asked for in a session that holds an edit equal, bitwise, those
+computed without it, so the cache never carries an edit.
 
 Corpora:
 - `generated` (default, offline): text the model samples itself from its start-of-text token, seeded.
@@ -24,6 +26,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from core.edits import unedited
 from core.errors import UserError
 from core.generation import cache_of
 from core.models import LoadedModel, cache_dir
@@ -235,8 +238,9 @@ def key_statistics(
     # progress: the first half is making the corpus (when not cached), the second the keys
     half = (lambda done, total: progress(done, 2 * total)) if progress else None
     second = (lambda done, total: progress(total + done, 2 * total)) if progress else None
-    text = generated_corpus(lm, tokens, half) if corpus == "generated" else wikitext_corpus(lm, tokens)
-    mom2, count = _key_second_moment(lm, layer, text, tokens, second)
+    with unedited(lm):
+        text = generated_corpus(lm, tokens, half) if corpus == "generated" else wikitext_corpus(lm, tokens)
+        mom2, count = _key_second_moment(lm, layer, text, tokens, second)
     _save(
         path,
         {"mom2": mom2.cpu().contiguous(), "count": torch.tensor(count)},

@@ -13,6 +13,11 @@ Two ways to put edits on a model:
   touched layer's original matrix is kept; undoing restores it and re-applies the remaining edits in order,
   so the weights equal bitwise what they would be had the undone edit never been made.
 
+Every change of a weight goes through `changed_weights(lm, layers)`, which keeps the layer's matrix as it was
+before any edit (its *pristine* copy, shared by nested holders). `unedited(lm)` puts the pristine matrices
+back for the length of a computation (and the edited ones after it, bitwise): what is cached for every
+session and process (key statistics, ROME's context texts) is computed inside it, so it never carries an edit.
+
 Export/import: one safetensors file holding every edit's u and v, with the records as JSON in its metadata.
 """
 
@@ -104,14 +109,10 @@ def _add(lm: LoadedModel, edit: Edit) -> None:
         view.add_(edit.delta().to(device=view.device, dtype=view.dtype))
 
 
-def _originals(lm: LoadedModel, layers: set[int]) -> dict[int, torch.Tensor]:
-    return {layer: _weight(lm, layer).detach().clone() for layer in layers}
-
-
-def _restore(lm: LoadedModel, originals: dict[int, torch.Tensor]) -> None:
+def _restore(lm: LoadedModel, matrices: dict[int, torch.Tensor]) -> None:
     with torch.no_grad():
-        for layer, original in originals.items():
-            _weight(lm, layer).copy_(original)
+        for layer, matrix in matrices.items():
+            _weight(lm, layer).copy_(matrix)
 
 
 _LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
@@ -127,20 +128,76 @@ def model_lock(lm: LoadedModel) -> threading.RLock:
         return lock
 
 
+# --- pristine weights --------------------------------------------------------------------------------------
+
+# model -> layer -> [the matrix before any edit, number of holders]
+_PRISTINE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[int, list]]" = weakref.WeakKeyDictionary()
+
+
+def _hold(lm: LoadedModel, layer: int) -> None:
+    """Keep `layer`'s matrix as it is now unless a holder already keeps an earlier one (caller has the lock)."""
+    held = _PRISTINE.setdefault(lm.model, {})
+    if layer in held:
+        held[layer][1] += 1
+    else:
+        held[layer] = [_weight(lm, layer).detach().clone(), 1]
+
+
+def _release(lm: LoadedModel, layer: int) -> torch.Tensor:
+    """Drop one holder of `layer`; returns the pristine matrix (caller has the lock)."""
+    held = _PRISTINE[lm.model]
+    original = held[layer][0]
+    held[layer][1] -= 1
+    if held[layer][1] == 0:
+        del held[layer]
+    return original
+
+
+@contextmanager
+def changed_weights(lm: LoadedModel, layers: set[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Hold the model's lock while the caller changes `layers`' MLP output matrices; afterwards (also on error)
+    put them back bitwise as they were on entry. Yields {layer: matrix on entry}."""
+    with model_lock(lm):
+        entry = {layer: _weight(lm, layer).detach().clone() for layer in layers}
+        for layer in layers:
+            _hold(lm, layer)
+        try:
+            yield entry
+        finally:
+            for layer in layers:
+                _release(lm, layer)
+            _restore(lm, entry)
+
+
+@contextmanager
+def unedited(lm: LoadedModel) -> Iterator[LoadedModel]:
+    """Hold the model's lock and give it its weights from before any edit for the length of the block; the
+    edited weights come back afterwards, bitwise (also on error)."""
+    with model_lock(lm):
+        held = dict(_PRISTINE.get(lm.model, {}))
+        current = {layer: _weight(lm, layer).detach().clone() for layer in held}
+        try:
+            _restore(lm, {layer: pristine for layer, (pristine, _) in held.items()})
+            yield lm
+        finally:
+            _restore(lm, current)
+
+
+def is_edited(lm: LoadedModel) -> bool:
+    """Whether some layer of the model now differs from its pristine matrix (an edit is held on it)."""
+    return bool(_PRISTINE.get(lm.model))
+
+
 @contextmanager
 def applied(lm: LoadedModel, edits: Sequence[Edit] = ()) -> Iterator[LoadedModel]:
     """Hold the model's lock, apply `edits` in order, yield, then restore the touched weights bitwise
     (also on error). Everything that reads the model for a session should run inside this."""
     for edit in edits:
         check_edit(lm, edit)
-    with model_lock(lm):
-        originals = _originals(lm, {e.layer for e in edits})
-        try:
-            for edit in edits:
-                _add(lm, edit)
-            yield lm
-        finally:
-            _restore(lm, originals)
+    with changed_weights(lm, {e.layer for e in edits}):
+        for edit in edits:
+            _add(lm, edit)
+        yield lm
 
 
 class EditStack:
@@ -155,7 +212,8 @@ class EditStack:
         check_edit(self.lm, edit)
         with model_lock(self.lm):
             if edit.layer not in self._originals:
-                self._originals.update(_originals(self.lm, {edit.layer}))
+                self._originals[edit.layer] = _weight(self.lm, edit.layer).detach().clone()
+                _hold(self.lm, edit.layer)
             _add(self.lm, edit)
             self.edits.append(edit)
         return edit
@@ -174,11 +232,14 @@ class EditStack:
                     _add(self.lm, edit)
             if not any(e.layer == layer for e in self.edits):
                 del self._originals[layer]
+                _release(self.lm, layer)
         return removed
 
     def undo_all(self) -> None:
         with model_lock(self.lm):
             _restore(self.lm, self._originals)
+            for layer in self._originals:
+                _release(self.lm, layer)
             self._originals.clear()
             self.edits.clear()
 

@@ -317,12 +317,15 @@ def run_aie(
 
 @dataclass
 class Measures:
-    """What the editor shows for one state of the model (before or after an edit)."""
+    """What the editor shows for one state of the model (before or after an edit): the request's
+    probabilities, the greedy text of each generation prompt and whether it names the new object, and each
+    check's probabilities and greedy continuation."""
 
     p_new: float
     p_true: float
-    generations: list[str]
-    checks: list[dict]  # {"check", "prompt", "p_new", "p_true"}
+    generations: list[str]  # prompt + continuation
+    generation_names_new: list[bool]
+    checks: list[dict]  # {"check", "prompt", "p_new", "p_true", "text", "names_new"}
 
 
 def measure(
@@ -331,22 +334,48 @@ def measure(
     request: EditRequest,
     generation_prompts: Sequence[str],
     checks: Sequence[tuple[str, str]],
-    max_new_tokens: int = 30,
+    max_new_tokens: int | None = None,
 ) -> Measures:
-    """P(new), P(true) on the request, greedy text, and each (check, prompt)'s probabilities, with `edits`."""
-    from core.evaluation import target_log_probs
-    from core.generation import GenerationSettings, generate
+    """P(new), P(true) on the request, greedy text (TEXT_TOKENS new tokens by default), and each (check,
+    prompt)'s probabilities and greedy continuation, with `edits`."""
+    from core.evaluation import TEXT_TOKENS, continuations, names_object, target_log_probs
 
     prompts = [request.text] + [prompt for _, prompt in checks]
+    gens = list(generation_prompts)
     with applied(lm, edits):
         new = np.exp(target_log_probs(lm, prompts, [request.target_new] * len(prompts)))
         true = np.exp(target_log_probs(lm, prompts, [request.target_true] * len(prompts)))
-        texts = generate(lm, list(generation_prompts), GenerationSettings(max_new_tokens=max_new_tokens))
+        texts = continuations(lm, gens + prompts[1:], max_new_tokens or TEXT_TOKENS)
     rows = [
-        {"check": check, "prompt": prompt, "p_new": float(new[i + 1]), "p_true": float(true[i + 1])}
+        {
+            "check": check,
+            "prompt": prompt,
+            "p_new": float(new[i + 1]),
+            "p_true": float(true[i + 1]),
+            "text": texts[len(gens) + i],
+            "names_new": names_object(texts[len(gens) + i], request.target_new),
+        }
         for i, (check, prompt) in enumerate(checks)
     ]
-    return Measures(float(new[0]), float(true[0]), texts, rows)
+    return Measures(
+        float(new[0]),
+        float(true[0]),
+        [p + t for p, t in zip(gens, texts)],
+        [names_object(t, request.target_new) for t in texts[: len(gens)]],
+        rows,
+    )
+
+
+def text_summary(before: Measures, after: Measures) -> dict[str, tuple[int, int]]:
+    """(count, of) for the text-level scores of the checks the user typed: the generation prompts and
+    paraphrase checks whose text names the new object after the edit (generation efficacy), and the
+    neighbourhood checks whose text names it after but not before (bleed)."""
+    own = after.generation_names_new + [c["names_new"] for c in after.checks if c["check"] == "paraphrase"]
+    pairs = [(b, a) for b, a in zip(before.checks, after.checks) if a["check"] == "neighbourhood"]
+    return {
+        "efficacy": (sum(own), len(own)),
+        "bleed": (sum(a["names_new"] and not b["names_new"] for b, a in pairs), len(pairs)),
+    }
 
 
 def lines(text: str) -> list[str]:

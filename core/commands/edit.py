@@ -9,10 +9,11 @@ from tqdm import tqdm
 
 from core.commands.common import load, positive_int
 from core.covariance import CORPORA, DEFAULT_CORPUS, DEFAULT_TOKENS
+from core.edit_site import KEY_TOKENS
 from core.edits import EditRequest, applied, export_edits
-from core.evaluation import target_log_probs
+from core.evaluation import names_object, target_log_probs
 from core.generation import MAX_NEW_TOKENS, GenerationSettings, generate
-from core.rome import KEY_TOKENS, RomeHyperParams, compute_edit, validate_request
+from core.rome import RomeHyperParams, compute_edit, validate_request
 
 
 def register(subparsers, add_common_options) -> None:
@@ -74,8 +75,9 @@ def run(args: argparse.Namespace) -> dict:
     print(f"  p(new)  {p_new_before:.4f} -> {p_new_after:.4f}")
     print(f"  p(true) {p_true_before:.4f} -> {p_true_after:.4f}")
     print(f"  edit {info['seconds']:.1f} s ({info['steps']} steps), statistics {info['stats_seconds']:.1f} s")
-    for b, a in zip(before, after):
-        print(f"  before: {b!r}\n  after:  {a!r}")
+    names_new = [names_object(a[len(p) :], request.target_new) for p, a in zip(args.generate, after)]
+    for b, a, named in zip(before, after, names_new):
+        print(f"  before: {b!r}\n  after:  {a!r}  (names {request.target_new.strip()!r}: {'yes' if named else 'no'})")
     return {
         "model": lm.name,
         "prompt": request.prompt,
@@ -91,6 +93,7 @@ def run(args: argparse.Namespace) -> dict:
         "generate": args.generate,
         "generations_before": before,
         "generations_after": after,
+        "generations_name_new": names_new,
         "seconds": info["seconds"],
         "stats_seconds": info["stats_seconds"],
         "steps": info["steps"],
