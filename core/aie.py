@@ -14,6 +14,7 @@ import numpy as np
 
 from core.facts import Fact, predict
 from core.models import LoadedModel
+from core.prompts import token_categories
 from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS, TraceResult, trace
 
 CATEGORIES = (
@@ -24,21 +25,6 @@ CATEGORIES = (
     "further tokens",
     "last token",
 )
-
-
-def category_rows(subject_range: tuple[int, int], num_tokens: int) -> list[list[int]]:
-    """Token positions of each category (a position may serve two categories, as in the paper)."""
-    first_subject, first_after = subject_range
-    last_subject, last = first_after - 1, num_tokens - 1
-    rows = [
-        [first_subject],
-        list(range(first_subject + 1, last_subject)),
-        [last_subject],
-        [first_after],
-        list(range(first_after + 1, last)),
-        [last],
-    ]
-    return [[r for r in category if r < num_tokens] for category in rows]
 
 
 @dataclass
@@ -116,7 +102,7 @@ def average_indirect_effect(
         result = trace(lm, fact.prompt, fact.subject, kinds=kinds, samples=samples, noise=noise, window=window)
         for kind in kinds:
             effect = result.indirect_effect(kind)
-            for mean, rows in zip(means[kind], category_rows(result.subject_range, len(result.tokens))):
+            for mean, rows in zip(means[kind], token_categories(result.subject_range, len(result.tokens))):
                 mean.add(effect[rows])
         highs.append(result.high_score)
         lows.append(result.low_score)

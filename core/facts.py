@@ -12,6 +12,7 @@ import torch
 from core.errors import UserError
 from core.jsonfile import read_json
 from core.models import LoadedModel
+from core.prompts import target_ids
 
 DEFAULT_FACTS = Path(__file__).resolve().parent.parent / "data" / "known_facts.json"
 
@@ -55,7 +56,7 @@ def load_facts(path: str | Path = DEFAULT_FACTS) -> list[Fact]:
 
 def first_token_id(lm: LoadedModel, attribute: str) -> int:
     """The token the model must predict first to say ` attribute`."""
-    return lm.tokenizer(" " + attribute.strip(), add_special_tokens=False)["input_ids"][0]
+    return target_ids(lm.tokenizer, attribute)[0]
 
 
 def predict(lm: LoadedModel, fact: Fact) -> Prediction:

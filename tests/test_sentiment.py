@@ -38,7 +38,6 @@ from core.sentiment_trace import (
     average_sentiment_trace,
     default_proxy,
     text_token_range,
-    token_categories,
     trace_sentiment,
     trace_work,
 )
@@ -245,20 +244,6 @@ def test_feature_cache_reuses_reads_and_notices_edits(tiny, tmp_path, monkeypatc
 
 
 # ------------------------------------------------------------------------------------------- trace
-
-
-def test_token_categories_follow_the_paper():
-    groups = token_categories((0, 4), 7)
-    assert groups == {
-        "first corrupted token": [0],
-        "middle corrupted tokens": [1, 2],
-        "last corrupted token": [3],
-        "first token after": [4],
-        "further tokens": [5],
-        "last token": [6],
-    }
-    one = token_categories((2, 3), 6)
-    assert one["first corrupted token"] == one["last corrupted token"] == [2] and one["further tokens"] == [4]
 
 
 def test_text_token_range_excludes_the_suffix(tokenizer, tiny):
