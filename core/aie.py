@@ -7,13 +7,14 @@ the fact's low score) over six token categories, as the paper's notebook groups 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from core.facts import Fact, predict
 from core.models import LoadedModel
+from core.progress import Progress
 from core.prompts import token_categories
 from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS, TraceResult, trace
 
@@ -85,7 +86,7 @@ def average_indirect_effect(
     samples: int = DEFAULT_SAMPLES,
     noise: float | None = None,
     window: int = DEFAULT_WINDOW,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     keep_traces: bool = False,
 ) -> AIEResult:
     """Trace up to `limit` facts that the model predicts (the others are counted as skipped)."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,14 +26,13 @@ import torch
 from core.errors import UserError
 from core.generation import cache_of
 from core.models import LoadedModel, cache_dir
+from core.progress import Progress, within
 
 CORPORA = ("generated", "wikitext", "identity")
 DEFAULT_CORPUS = "generated"
 DEFAULT_TOKENS = 16_384  # keys per statistic: >10x the embedded model's key size (1536); measured 142 s CPU (1 thread)
 SEQUENCE_LENGTH = 128
 GENERATION_SEED = 1234
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -234,7 +232,7 @@ def key_statistics(
     start = time.perf_counter()
     # progress: the first half is making the corpus (when not cached), the second the keys
     half = (lambda done, total: progress(done, 2 * total)) if progress else None
-    second = (lambda done, total: progress(total + done, 2 * total)) if progress else None
+    second = within(progress, tokens, 2 * tokens)
     text = generated_corpus(lm, tokens, half) if corpus == "generated" else wikitext_corpus(lm, tokens)
     mom2, count = _key_second_moment(lm, layer, text, tokens, second)
     _save(

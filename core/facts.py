@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,6 +12,7 @@ import torch
 from core.errors import UserError
 from core.jsonfile import read_json
 from core.models import LoadedModel
+from core.progress import Progress
 from core.prompts import target_ids
 
 DEFAULT_FACTS = Path(__file__).resolve().parent.parent / "data" / "known_facts.json"
@@ -69,9 +70,7 @@ def predict(lm: LoadedModel, fact: Fact) -> Prediction:
     return Prediction(fact, answer, float(probs[answer_id]), known)
 
 
-def known_facts(
-    lm: LoadedModel, facts: Sequence[Fact], progress: Callable[[int, int], None] | None = None
-) -> list[Prediction]:
+def known_facts(lm: LoadedModel, facts: Sequence[Fact], progress: Progress | None = None) -> list[Prediction]:
     """The model's prediction for every fact (`known` says whether it gives the attribute)."""
     predictions = []
     for i, fact in enumerate(facts):

@@ -69,9 +69,7 @@ def _token_ends(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int
         return list(encoding["input_ids"]), [end for _, end in encoding["offset_mapping"]], text
     encoding = tokenizer(text, return_special_tokens_mask=True)
     ids = list(encoding["input_ids"])
-    pieces = [
-        "" if special else tokenizer.decode([i]) for i, special in zip(ids, encoding["special_tokens_mask"])
-    ]
+    pieces = ["" if special else tokenizer.decode([i]) for i, special in zip(ids, encoding["special_tokens_mask"])]
     ends, at = [], 0
     for piece in pieces:
         at += len(piece)

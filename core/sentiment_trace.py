@@ -25,13 +25,13 @@ import numpy as np
 
 from core.errors import UserError
 from core.models import LoadedModel, cache_dir
+from core.progress import Progress
 from core.prompts import PromptError, subject_span, token_categories
 from core.sentiment import (
     DEFAULT_SUFFIX,
     DEFAULT_WORDS,
     FeelingProxy,
     LabelledTexts,
-    Progress,
     extract_features,
     load_labelled,
     load_project_texts,

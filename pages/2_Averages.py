@@ -12,7 +12,7 @@ from core import charts
 from core.errors import UserError
 from core.facts import DEFAULT_FACTS, load_facts
 from core.tracing import KINDS
-from ui.common import current_model, digest, model_caption, page, run_aie, show_error
+from ui.common import bar_progress, current_model, digest, model_caption, page, run_aie, show_error
 
 page("Averages", ":material/show_chart:")
 st.title("Average indirect effect")
@@ -93,7 +93,7 @@ if run:
                 limit=int(limit),
                 samples=int(samples),
                 kinds=kinds,
-                progress=lambda f, text: bar.progress(min(f, 1.0), text=text),
+                progress=bar_progress(bar, "facts traced"),
             )
             bar.empty()
             if result.n == 0:

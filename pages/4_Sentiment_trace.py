@@ -11,7 +11,15 @@ from core import charts
 from core.errors import UserError
 from core.sentiment import CLASSES
 from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS
-from ui.common import current_model, fit_proxy, model_caption, page, show_error, trace_sentiment_progressively
+from ui.common import (
+    bar_progress,
+    current_model,
+    fit_proxy,
+    model_caption,
+    page,
+    show_error,
+    trace_sentiment_progressively,
+)
 
 page("Sentiment trace", ":material/sentiment_satisfied:")
 st.title("Sentiment trace")
@@ -51,7 +59,7 @@ if fit:
             raise UserError("upload a CSV or TSV file first")
         bar = st.progress(0.0, text="reading the texts with the model")
         data, name = (None, "") if upload is None else (upload.getvalue(), upload.name)
-        report, proxy = fit_proxy(lm, data, name, progress=lambda f, text: bar.progress(min(f, 1.0), text=text))
+        report, proxy = fit_proxy(lm, data, name, progress=bar_progress(bar, "texts read"))
         bar.empty()
         state["sent_proxy"] = (lm.name, report, proxy, name or "data/sentiment_texts.tsv")
         state.pop("sent_trace", None)
@@ -111,7 +119,7 @@ if run and fitted is not None:
                 samples=int(samples),
                 window=int(window),
                 on_kind=draw,
-                progress=lambda f, t: bar.progress(min(f, 1.0), text=t),
+                progress=bar_progress(bar, "token rows traced"),
             )
             bar.empty()
             state["sent_trace"] = trace

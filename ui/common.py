@@ -24,12 +24,13 @@ import streamlit as st
 from core.edits import Edit, EditRequest, applied, export_edits, import_edits
 from core.errors import UserError
 from core.models import EMBEDDED_MODEL, LoadedModel, load_model
+from core.progress import Progress
 
 MODEL_KEY = "model_name"
 EDITS_KEY = "edits"
 HANDOFF_KEY = "trace_handoff"  # the fact editor's "trace again" -> the trace explorer's inputs
 
-Progress = Callable[[float, str], None]  # (fraction 0..1, text)
+FractionProgress = Callable[[float, str], None]  # (fraction 0..1, text): the trace loop's, until item 8
 
 
 # --- page frame ---------------------------------------------------------------------------------------------
@@ -37,6 +38,15 @@ Progress = Callable[[float, str], None]  # (fraction 0..1, text)
 
 def page(title: str, icon: str = ":material/search:") -> None:
     st.set_page_config(page_title=f"{title} · ROME Studio", page_icon=icon, layout="wide")
+
+
+def bar_progress(bar, what: str) -> Progress:
+    """A Progress that moves the st.progress `bar`, its text "<what>: <done> of <total>"."""
+
+    def update(done: int, total: int) -> None:
+        bar.progress(min(done / max(total, 1), 1.0), text=f"{what}: {done} of {total}")
+
+    return update
 
 
 def show_error(err: Exception) -> None:
@@ -234,7 +244,7 @@ def trace_progressively(
     noise: float | None,
     window: int,
     on_kind: Callable[[object, str], None] | None = None,
-    progress: Progress | None = None,
+    progress: FractionProgress | None = None,
 ):
     """core.tracing's trace (noise None: the library's default scale) with this session's edits, one kind at
     a time, each drawn by `on_kind(result, kind)` as soon as it is done; every kind's table is kept, so asking
@@ -302,12 +312,8 @@ def run_aie(
     if kept is not None:
         return kept
 
-    def tick(done: int, total: int) -> None:
-        if progress:
-            progress(done / max(total, 1), f"fact {done} of {total} traced")
-
     with applied(lm, session_edits(lm)):
-        result = average_indirect_effect(lm, facts, limit=limit, samples=samples, kinds=kinds, progress=tick)
+        result = average_indirect_effect(lm, facts, limit=limit, samples=samples, kinds=kinds, progress=progress)
     store().put(key, result)
     return result
 
@@ -376,12 +382,8 @@ def fit_proxy(lm: LoadedModel, data: bytes | None, name: str, progress: Progress
     index = np.arange(len(texts))
     train, test = train_test_split(index, test_size=0.3, random_state=0, stratify=texts.labels)
 
-    def tick(done: int, total: int) -> None:
-        if progress:
-            progress(done / max(total, 1), f"read {done} of {total} texts")
-
     with applied(lm, session_edits(lm)):
-        report = evaluate(lm, texts.subset(train), texts.subset(test), "feeling", cache=True, progress=tick)
+        report = evaluate(lm, texts.subset(train), texts.subset(test), "feeling", cache=True, progress=progress)
     result = (report, FeelingProxy.from_dict(report.reader))
     store().put(key, result)
     return result
@@ -408,9 +410,9 @@ def trace_sentiment_progressively(
         one = store().get(key)
         if one is None:
 
-            def tick(done: int, total: int, k: int = k, kind: str = kind) -> None:
+            def tick(done: int, total: int, k: int = k) -> None:  # token rows of this kind -> of all kinds
                 if progress:
-                    progress((k + done / total) / len(kinds), f"{kind}: token {done} of {total}")
+                    progress(k * total + done, len(kinds) * total)
 
             with applied(lm, session_edits(lm)):
                 one = trace_sentiment(lm, text, proxy, kinds=[kind], samples=samples, window=window, progress=tick)
@@ -420,8 +422,6 @@ def trace_sentiment_progressively(
         else:
             merged.scores[kind] = one.scores[kind]
             merged.seconds += one.seconds
-        if progress:
-            progress((k + 1) / len(kinds), f"{kind} done")
         if on_kind:
             on_kind(merged, kind)
     return merged
