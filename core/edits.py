@@ -209,8 +209,46 @@ def export_edits(edits: Sequence[Edit], path: str | Path) -> Path:
     return path
 
 
+def _checked_parts(record: object, i: int, tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Check one edit record of a file (every field's type, finite vectors); returns its u, v, key, value."""
+
+    def bad(why: str) -> UserError:
+        return UserError(f"edits file {where!r} is malformed: edit {i} {why}")
+
+    if not isinstance(record, dict):
+        raise bad("is not a JSON object")
+    if not isinstance(record.get("id"), str) or not record["id"].strip():
+        raise bad("has no text id")
+    if not isinstance(record.get("model"), str):
+        raise bad("has no model name")
+    if type(record.get("layer")) is not int or record["layer"] < 0:
+        raise bad("has no whole, non-negative layer")
+    if not isinstance(record.get("info", {}), dict):
+        raise bad("has an 'info' that is not a JSON object")
+    request = record.get("request")
+    if not isinstance(request, dict):
+        raise bad("has no request")
+    for name in ("prompt", "subject", "target_new"):
+        if not isinstance(request.get(name), str) or not request[name].strip():
+            raise bad(f"has an empty or non-text request {name!r}")
+    if request.get("target_true") is not None and not isinstance(request["target_true"], str):
+        raise bad("has a non-text request 'target_true'")
+    parts = {}
+    for name in ("u", "v", "key", "value"):
+        tensor = tensors.get(f"{i}.{name}")
+        if tensor is None or tensor.ndim != 1 or not tensor.is_floating_point():
+            raise bad(f"lacks its vector {name!r}")
+        if not torch.isfinite(tensor).all():
+            raise bad(f"has non-finite numbers in {name!r}")
+        parts[name] = tensor
+    if parts["u"].shape != parts["key"].shape or parts["v"].shape != parts["value"].shape:
+        raise bad("has vectors of mismatched sizes")
+    return parts
+
+
 def import_edits(path: str | Path, lm: LoadedModel | None = None) -> list[Edit]:
-    """Read edits written by `export_edits`; with `lm`, check they fit its layers (tensors go to its device)."""
+    """Read edits written by `export_edits`, checking every field (types, finite vectors); with `lm`, check
+    they were made for that model and fit its layers (tensors go to its device)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"edits file {str(path)!r} does not exist")
@@ -224,23 +262,33 @@ def import_edits(path: str | Path, lm: LoadedModel | None = None) -> list[Edit]:
         raise UserError(f"edits file {str(path)!r} was not written by ROME Studio (no {FORMAT} marker)")
     try:
         records = json.loads(metadata["edits"])
-        edits = []
-        for i, record in enumerate(records):
-            parts = {name: tensors[f"{i}.{name}"] for name in ("u", "v", "key", "value")}
-            if lm is not None:
-                parts = {k: t.to(device=lm.device, dtype=lm.dtype) for k, t in parts.items()}
-            edits.append(
-                Edit(
-                    request=EditRequest(**record["request"]),
-                    layer=int(record["layer"]),
-                    model=record.get("model", ""),
-                    id=record["id"],
-                    info=record.get("info", {}),
-                    **parts,
+    except (KeyError, ValueError) as err:
+        raise UserError(f"edits file {str(path)!r} is malformed (no readable edit records: {err})") from None
+    if not isinstance(records, list):
+        raise UserError(f"edits file {str(path)!r} is malformed (its edit records are not a list)")
+    edits = []
+    for i, record in enumerate(records):
+        parts = _checked_parts(record, i, tensors, str(path))
+        if lm is not None:
+            if record["model"] and record["model"] != lm.name:
+                raise UserError(
+                    f"edit {i} ({record['id']}) in {str(path)!r} was made for the model {record['model']!r}, "
+                    f"not for {lm.name!r}: load that model to apply it"
                 )
+            parts = {k: t.to(device=lm.device, dtype=lm.dtype) for k, t in parts.items()}
+        request = record["request"]
+        edits.append(
+            Edit(
+                request=EditRequest(
+                    request["prompt"], request["subject"], request["target_new"], request.get("target_true")
+                ),
+                layer=record["layer"],
+                model=record["model"],
+                id=record["id"],
+                info=record.get("info", {}),
+                **parts,
             )
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"edits file {str(path)!r} is malformed ({err})") from None
+        )
     if lm is not None:
         for edit in edits:
             check_edit(lm, edit)

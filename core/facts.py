@@ -49,6 +49,8 @@ def load_facts(path: str | Path = DEFAULT_FACTS) -> list[Fact]:
         ]
         if missing:
             raise UserError(f"facts file record {i} lacks text field(s): {', '.join(missing)}")
+        if not isinstance(record.get("relation", ""), str):
+            raise UserError(f"facts file record {i}: its relation must be text (got {record['relation']!r})")
         if record["subject"] not in record["prompt"]:
             raise UserError(f"facts file record {i}: subject {record['subject']!r} is not in its prompt")
         facts.append(Fact(record["subject"], record["prompt"], record["attribute"].strip(), record.get("relation", "")))
@@ -81,4 +83,7 @@ def known_facts(lm: LoadedModel, facts: Sequence[Fact], progress: Progress | Non
 
 
 def save_facts(path: str | Path, facts: Sequence[Fact]) -> None:
-    Path(path).write_text(json.dumps([asdict(f) for f in facts], indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    """Write `facts` as a facts file (its folder created when missing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([asdict(f) for f in facts], indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -7,7 +7,7 @@ import argparse
 import numpy as np
 from tqdm import tqdm
 
-from core.commands.common import load, positive_int
+from core.commands.common import load, output_file, positive_int
 from core.covariance import CORPORA, DEFAULT_CORPUS, DEFAULT_TOKENS
 from core.edits import EditRequest, applied, export_edits
 from core.evaluation import target_log_probs
@@ -34,7 +34,7 @@ def register(subparsers, add_common_options) -> None:
     parser.add_argument(
         "--stats-tokens", type=positive_int, default=DEFAULT_TOKENS, help="corpus tokens for the statistics"
     )
-    parser.add_argument("--export", metavar="FILE", help="also write the edit (safetensors + JSON metadata)")
+    parser.add_argument("--export", metavar="FILE", type=output_file, help="also write the edit (safetensors + JSON metadata)")
     add_common_options(parser)
     parser.set_defaults(run=run)
 
