@@ -148,10 +148,10 @@ if run:
             )
             state["trace_result"] = result
             bar.empty()
-        except UserError as err:
+        except Exception as err:  # the page's error boundary: one message, details in the log
             bar.empty()
             state.pop("trace_result", None)
-            show_error(err)
+            show_error(err, "tracing")
 
 result = state.get("trace_result")
 if result is not None and result.model == lm.name:

@@ -101,9 +101,9 @@ if run:
                     f"the model predicts none of the {result.skipped} facts tried, so there is nothing to average"
                 )
             state["aie_result"] = result
-        except UserError as err:
+        except Exception as err:  # the page's error boundary: one message, details in the log
             state.pop("aie_result", None)
-            show_error(err)
+            show_error(err, "averaging")
 
 result = state.get("aie_result")
 if result is not None and result.model == lm.name:

@@ -63,8 +63,8 @@ if fit:
         bar.empty()
         state["sent_proxy"] = (lm.name, report, proxy, name or "data/sentiment_texts.tsv")
         state.pop("sent_trace", None)
-    except UserError as err:
-        show_error(err)
+    except Exception as err:  # the page's error boundary: one message, details in the log
+        show_error(err, "fitting the proxy")
 
 fitted = state.get("sent_proxy")
 if fitted is not None and fitted[0] == lm.name:
@@ -123,10 +123,10 @@ if run and fitted is not None:
             )
             bar.empty()
             state["sent_trace"] = trace
-        except UserError as err:
+        except Exception as err:  # the page's error boundary: one message, details in the log
             bar.empty()
             state.pop("sent_trace", None)
-            show_error(err)
+            show_error(err, "tracing")
 
 trace = state.get("sent_trace")
 if trace is not None and fitted is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import tempfile
 import threading
@@ -49,9 +50,22 @@ def bar_progress(bar, what: str) -> Progress:
     return update
 
 
-def show_error(err: Exception) -> None:
-    """One sentence in a red box; the page goes on."""
-    st.error(str(err), icon=":material/error:")
+LOG = logging.getLogger("rome_studio")
+
+
+def show_error(err: Exception, doing: str = "") -> None:
+    """One sentence in a red box; the page goes on. A UserError says what was wrong with the input; anything
+    else (a bug, a full disk, ...) is named by its type only, its traceback goes to the server log."""
+    if isinstance(err, UserError):
+        st.error(str(err), icon=":material/error:")
+        return
+    LOG.error("unexpected error%s", f" while {doing}" if doing else "", exc_info=err)
+    where = f" while {doing}" if doing else ""
+    st.error(
+        f"Something went wrong{where} ({type(err).__name__}); the details are in the server's log. Nothing was "
+        "changed: try again, or with other input.",
+        icon=":material/error:",
+    )
 
 
 # --- the model ----------------------------------------------------------------------------------------------
@@ -80,8 +94,8 @@ def current_model() -> LoadedModel | None:
     try:
         with st.spinner(f"Loading {name} …"):
             return load(name)
-    except UserError as err:
-        show_error(err)
+    except Exception as err:
+        show_error(err, f"loading {name}")
         return None
 
 

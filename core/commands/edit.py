@@ -34,7 +34,9 @@ def register(subparsers, add_common_options) -> None:
     parser.add_argument(
         "--stats-tokens", type=positive_int, default=DEFAULT_TOKENS, help="corpus tokens for the statistics"
     )
-    parser.add_argument("--export", metavar="FILE", type=output_file, help="also write the edit (safetensors + JSON metadata)")
+    parser.add_argument(
+        "--export", metavar="FILE", type=output_file, help="also write the edit (safetensors + JSON metadata)"
+    )
     add_common_options(parser)
     parser.set_defaults(run=run)
 
