@@ -1,7 +1,9 @@
 """Key statistics for ROME: C = E[k k^T] of the keys (inputs of the MLP output projection) at one layer.
 
-Computed once per (model, layer, corpus, size) and cached as safetensors under
-`core.models.cache_dir() / "stats"`; the corpus is cached there too.
+Computed once per (model, weights, layer, corpus, size) and cached as safetensors under
+`core.models.cache_dir() / "stats" / <model>-<weights fingerprint>`; the corpus is cached there too. Every
+cache file carries a hash of its tensors: a damaged one (truncated, wrong shape, bit rot) is deleted on load
+and computed again.
 
 Corpora:
 - `generated` (default, offline): text the model samples itself from its start-of-text token, seeded.
@@ -25,7 +27,7 @@ import torch
 
 from core.errors import UserError
 from core.generation import cache_of
-from core.models import LoadedModel, cache_dir
+from core.models import LoadedModel, cache_dir, weights_fingerprint
 from core.progress import Progress, within
 
 CORPORA = ("generated", "wikitext", "identity")
@@ -52,12 +54,9 @@ class KeyStatistics:
 
 
 def _model_slug(lm: LoadedModel) -> str:
+    """The model's name and its weights' fingerprint: statistics of other weights are never served."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", lm.name).strip("_") or "model"
-    if lm.source in ("memory", "random"):  # in-memory models: tell apart by their weights, not only the name
-        w = lm.model.get_submodule(lm.arch.embed).weight
-        digest = hashlib.sha1(w.detach().float().cpu().numpy().tobytes()[:65536]).hexdigest()[:10]
-        slug = f"{slug}-{digest}"
-    return slug
+    return f"{slug}-{weights_fingerprint(lm)[:12]}"
 
 
 def stats_folder(lm: LoadedModel) -> Path:
@@ -92,8 +91,9 @@ def generated_corpus(lm: LoadedModel, tokens: int, progress: Progress | None = N
     length = min(SEQUENCE_LENGTH, tokens)
     sequences = -(-tokens // length)
     path = stats_folder(lm) / f"corpus_generated_{sequences}x{length}_seed{GENERATION_SEED}.safetensors"
-    if path.exists():
-        return safetensors.torch.load_file(str(path))["input_ids"]
+    stored = _load(path, {"input_ids": (sequences, length)})
+    if stored is not None:
+        return stored["input_ids"]
     batch = 64
     start = _start_token(lm)
     out = []
@@ -154,11 +154,37 @@ def wikitext_corpus(lm: LoadedModel, tokens: int) -> torch.Tensor:
 # --- statistics --------------------------------------------------------------------------------------------
 
 
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode() + b"\0" + tensors[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".partial-{time.time_ns()}")
-    safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+    safetensors.torch.save_file(tensors, str(tmp), metadata={**metadata, "sha256": _digest(tensors)})
     tmp.replace(path)  # atomic: a cache file is never half-written
+
+
+def _load(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor] | None:
+    """A cache file's tensors when it is whole: it opens, holds each name with its shape, and its tensors
+    hash to the digest written with them. A damaged file is deleted (None: compute it again)."""
+    if not path.exists():
+        return None
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            written = (f.metadata() or {}).get("sha256")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        if set(tensors) != set(shapes) or any(tuple(tensors[n].shape) != s for n, s in shapes.items()):
+            raise ValueError("unexpected tensors")
+        if written != _digest(tensors):
+            raise ValueError("hash mismatch")
+        return tensors
+    except Exception:  # truncated, not safetensors, wrong content: recompute
+        path.unlink(missing_ok=True)
+        return None
 
 
 class _Stop(Exception):
@@ -219,16 +245,11 @@ def key_statistics(
     if corpus == "identity":
         eye = torch.eye(size, device=lm.device)
         return KeyStatistics(layer, corpus, 0, eye, 0, 0.0, cached=True)
-    memo = lm.extra.setdefault("key_statistics", {})
-    key = (layer, corpus, tokens)
-    if key in memo:
-        return memo[key]
     path = stats_path(lm, layer, corpus, tokens)
-    if path.exists():
-        loaded = safetensors.torch.load_file(str(path), device=str(lm.device))
-        stats = KeyStatistics(layer, corpus, tokens, loaded["mom2"], int(loaded["count"]), 0.0, cached=True)
-        memo[key] = stats
-        return stats
+    loaded = _load(path, {"mom2": (size, size), "count": ()})
+    if loaded is not None:
+        mom2 = loaded["mom2"].to(lm.device)
+        return KeyStatistics(layer, corpus, tokens, mom2, int(loaded["count"]), 0.0, cached=True)
     start = time.perf_counter()
     # progress: the first half is making the corpus (when not cached), the second the keys
     half = (lambda done, total: progress(done, 2 * total)) if progress else None
@@ -240,15 +261,9 @@ def key_statistics(
         {"mom2": mom2.cpu().contiguous(), "count": torch.tensor(count)},
         {"model": lm.name, "layer": str(layer), "corpus": corpus, "tokens": str(tokens)},
     )
-    stats = KeyStatistics(layer, corpus, tokens, mom2, count, time.perf_counter() - start, cached=False)
-    memo[key] = stats
-    return stats
+    return KeyStatistics(layer, corpus, tokens, mom2, count, time.perf_counter() - start, cached=False)
 
 
 def statistics_cached(lm: LoadedModel, layer: int, corpus: str = DEFAULT_CORPUS, tokens: int = DEFAULT_TOKENS) -> bool:
     """Whether `key_statistics` would return at once (no corpus pass)."""
-    return (
-        corpus == "identity"
-        or (layer, corpus, tokens) in lm.extra.get("key_statistics", {})
-        or stats_path(lm, layer, corpus, tokens).exists()
-    )
+    return corpus == "identity" or stats_path(lm, layer, corpus, tokens).exists()

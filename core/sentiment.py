@@ -34,7 +34,7 @@ from sklearn.preprocessing import StandardScaler
 
 from core.errors import UserError
 from core.hooks import Hooks
-from core.models import LoadedModel, cache_dir
+from core.models import LoadedModel, cache_dir, weights_fingerprint
 from core.progress import Progress, within
 
 CLASSES = ("negative", "positive")  # binary class index 0 and 1
@@ -286,20 +286,6 @@ def read_texts(
         if progress:
             progress(done, len(texts))
     return Features(final, hidden, int(sum(lengths)), time.perf_counter() - start)
-
-
-def weights_fingerprint(lm: LoadedModel) -> str:
-    """A cheap fingerprint of the weights that edits change (every layer's MLP output projection), so a
-    cache never serves what an unedited model read to an edited one."""
-    with torch.no_grad():
-        sums = [
-            (
-                lm.arch.mlp_out_weight(lm.model, l).double().sum().item(),
-                lm.arch.mlp_out_weight(lm.model, l).double().abs().sum().item(),
-            )
-            for l in range(lm.num_layers)
-        ]
-    return hashlib.sha256(repr(sums).encode()).hexdigest()[:16]
 
 
 def _features_cache_file(lm: LoadedModel, texts: Sequence[str], suffix: str) -> Path:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import UserError
-from core.models import LoadedModel, cache_dir
+from core.models import LoadedModel, cache_dir, weights_fingerprint
 from core.progress import Progress
 from core.prompts import PromptError, subject_span, token_categories
 from core.sentiment import (
@@ -37,7 +37,6 @@ from core.sentiment import (
     load_project_texts,
     make_prompt,
     project_texts_path,
-    weights_fingerprint,
     word_ids,
 )
 from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS, trace
