@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from core.budget import TraceCost, check_trace
+from core.errors import UserError
 from core.facts import Fact, predict
 from core.models import LoadedModel
 from core.progress import Progress
-from core.prompts import token_categories
+from core.prompts import token_categories, tokenize
 from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS, TraceResult, trace
 
 CATEGORIES = (
@@ -77,6 +79,28 @@ class AIEResult:
         return CATEGORIES[c], int(layer), float(table[c, layer])
 
 
+def fact_cost(lm: LoadedModel, fact: Fact, samples: int, kinds: int) -> TraceCost:
+    """The cost of tracing `fact` (core.budget), or a UserError naming it when it is over a cap."""
+    prompt = tokenize(lm.tokenizer, fact.prompt, fact.subject)
+    try:
+        return check_trace(lm, len(prompt.input_ids), prompt.subject_range[0], samples, kinds)
+    except UserError as err:
+        raise UserError(f"the fact {fact.prompt!r}: {err}") from None
+
+
+def aie_cost(lm: LoadedModel, facts: Sequence[Fact], limit: int | None, samples: int, kinds: int) -> TraceCost:
+    """The estimate of tracing `limit` facts, taking the first ones as if the model knew each of them."""
+    chosen = facts[: len(facts) if limit is None else limit]
+    costs = [fact_cost(lm, fact, samples, kinds) for fact in chosen]
+    return TraceCost(
+        tokens=max(c.tokens for c in costs),
+        kinds=kinds,
+        block_positions=sum(c.block_positions for c in costs),
+        memory_bytes=max(c.memory_bytes for c in costs),
+        seconds=sum(c.seconds for c in costs),
+    )
+
+
 def average_indirect_effect(
     lm: LoadedModel,
     facts: Sequence[Fact],
@@ -100,6 +124,7 @@ def average_indirect_effect(
         if not predict(lm, fact).known:
             skipped += 1
             continue
+        fact_cost(lm, fact, samples, len(kinds))  # over a cap: one clear error, before its trace
         result = trace(lm, fact.prompt, fact.subject, kinds=kinds, samples=samples, noise=noise, window=window)
         for kind in kinds:
             effect = result.indirect_effect(kind)

@@ -33,6 +33,7 @@ from core.progress import Progress, within
 CORPORA = ("generated", "wikitext", "identity")
 DEFAULT_CORPUS = "generated"
 DEFAULT_TOKENS = 16_384  # keys per statistic: >10x the embedded model's key size (1536); measured 142 s CPU (1 thread)
+MAX_STATS_TOKENS = 8 * DEFAULT_TOKENS  # a shared server's cap: ~20 min of CPU for the embedded model
 SEQUENCE_LENGTH = 128
 GENERATION_SEED = 1234
 
@@ -72,6 +73,11 @@ def _check(corpus: str, tokens: int) -> None:
         raise UserError(f"unknown corpus {corpus!r}: use one of {', '.join(CORPORA)}")
     if tokens < 1:
         raise UserError(f"the statistics need at least 1 token (got {tokens})")
+    if tokens > MAX_STATS_TOKENS:
+        raise UserError(
+            f"{tokens:,} tokens of statistics is over the cap of {MAX_STATS_TOKENS:,} (time grows with the tokens; "
+            f"the default {DEFAULT_TOKENS:,} is enough for a key size of a few thousand)"
+        )
 
 
 # --- corpora -----------------------------------------------------------------------------------------------

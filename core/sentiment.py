@@ -32,6 +32,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from core.budget import check_features
 from core.errors import UserError
 from core.hooks import Hooks
 from core.models import LoadedModel, cache_dir, weights_fingerprint
@@ -252,6 +253,7 @@ def read_texts(
     if not texts:
         raise UserError("there are no texts to read")
     layers = _check_layers(lm, layers)
+    check_features(lm, len(texts), len(layers))
     prompts = tokenize_prompts(lm, texts, suffix)
     lengths = [len(p) for p in prompts]
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0

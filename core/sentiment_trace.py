@@ -4,12 +4,10 @@ proxy's probability of the positive class as the metric.
 The prompt is text + " I am feeling"; the text's tokens (or a chosen span of them) get the noise, and each
 (token, layer) state is restored as in fact tracing. The tables hold the restored p(positive).
 
-Cost. Tracing a prompt of T tokens whose corrupted part starts at token s, with L layers and `samples` noisy
-copies, costs in the fast engine about samples x (T - s)^2 / 2 x L^2 / 2 block-position evaluations per kind:
-it grows with the square of the traced length (cells before the span are free). A 12-token prompt on the
-embedded model is ~40 k block-positions per kind at 10 samples; 36 tokens ~9 x that. `max_tokens` (default
-MAX_TRACE_TOKENS) refuses longer prompts with a clear error; corrupting a span near the end, fewer samples or
-fewer kinds make a long text affordable. `trace_work` gives the estimate before running.
+Cost (core.budget.trace_cost gives the estimate before running): it grows with the square of the traced
+length (cells before the corrupted span are free). `max_tokens` (default MAX_TRACE_TOKENS) refuses longer
+prompts with a clear error, as does core.budget.check_trace a trace over the memory cap; corrupting a span near
+the end, fewer samples or fewer kinds make a long text affordable.
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.budget import check_trace
 from core.errors import UserError
 from core.models import LoadedModel, cache_dir, weights_fingerprint
 from core.progress import Progress
@@ -126,12 +125,6 @@ def text_token_range(lm: LoadedModel, text: str, suffix: str = DEFAULT_SUFFIX) -
         raise UserError("the text has no tokens of its own") from None
 
 
-def trace_work(num_tokens: int, corrupt_start: int, num_layers: int, samples: int, kinds: int = 3) -> int:
-    """Estimated block-position evaluations of a fast sentiment trace (see the module docstring)."""
-    traced = num_tokens - corrupt_start
-    return int(samples * traced * (traced + 1) / 2 * num_layers * (num_layers + 1) / 2 * kinds)
-
-
 def trace_sentiment(
     lm: LoadedModel,
     text: str,
@@ -171,6 +164,7 @@ def trace_sentiment(
         corrupt = (int(span[0]), int(span[1]))
         if not text_range[0] <= corrupt[0] < corrupt[1] <= text_range[1]:
             raise UserError(f"the span {tuple(span)} is not a token range inside the text's {text_range[1]} tokens")
+    check_trace(lm, len(ids), corrupt[0], samples, len(kinds))
     result = trace(
         lm,
         prompt,

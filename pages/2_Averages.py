@@ -9,10 +9,11 @@ from pathlib import Path
 import streamlit as st
 
 from core import charts
+from core.aie import aie_cost
 from core.errors import UserError
 from core.facts import DEFAULT_FACTS, load_facts
 from core.tracing import KINDS
-from ui.common import bar_progress, current_model, digest, model_caption, page, run_aie, show_error
+from ui.common import bar_progress, current_model, digest, model_caption, page, run_aie, show_cost, show_error
 
 page("Averages", ":material/show_chart:")
 st.title("Average indirect effect")
@@ -77,6 +78,9 @@ def read_facts():
         except UserError as err:
             raise UserError(str(err).replace(repr(str(path)), repr(upload.name))) from None
     return facts, "upload:" + digest(data)
+
+
+show_cost(lambda: aie_cost(lm, read_facts()[0], int(limit), int(samples), max(len(kinds), 1)))
 
 
 if run:

@@ -8,8 +8,10 @@ import json
 import streamlit as st
 
 from core import charts
+from core.budget import check_trace
 from core.errors import UserError
 from core.sentiment import CLASSES
+from core.sentiment_trace import text_token_range
 from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS
 from ui.common import (
     bar_progress,
@@ -17,6 +19,7 @@ from ui.common import (
     fit_proxy,
     model_caption,
     page,
+    show_cost,
     show_error,
     trace_sentiment_progressively,
 )
@@ -99,6 +102,15 @@ with st.container(border=True):
     samples = c2.number_input("Samples", 1, 100, DEFAULT_SAMPLES, key="sent_samples")
     window = c3.number_input("Window", 1, 50, DEFAULT_WINDOW, key="sent_window")
     run = st.button("Trace", type="primary", key="sent_run", disabled=fitted is None)
+
+
+def estimate():
+    ids, (start, _) = text_token_range(lm, text, fitted[2].suffix)
+    return check_trace(lm, len(ids), start, int(samples), max(len(kinds), 1))
+
+
+if fitted is not None:
+    show_cost(estimate)
 
 if run and fitted is not None:
     if not kinds:

@@ -39,7 +39,6 @@ from core.sentiment_trace import (
     default_proxy,
     text_token_range,
     trace_sentiment,
-    trace_work,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -287,11 +286,6 @@ def test_trace_sentiment_bad_input(tiny):
     other = FeelingProxy.from_dict({**proxy.to_dict(), "model": "another"})
     with pytest.raises(UserError, match="fitted for another"):
         trace_sentiment(tiny, "The soup was cold.", other)
-
-
-def test_trace_cost_grows_with_the_square_of_the_traced_length():
-    assert trace_work(20, 0, 30, 10) == pytest.approx(4 * trace_work(10, 0, 30, 10), rel=0.15)
-    assert trace_work(20, 10, 30, 10) == trace_work(10, 0, 30, 10)
 
 
 def test_average_trace_by_category(tiny):

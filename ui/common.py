@@ -53,6 +53,18 @@ def bar_progress(bar, what: str) -> Progress:
 LOG = logging.getLogger("rome_studio")
 
 
+def show_cost(estimate: Callable[[], object]) -> UserError | None:
+    """Caption the estimate (a core.budget.TraceCost) of the work a button starts, before it is pressed; returns
+    why the work would be refused (a UserError), or None."""
+    try:
+        cost = estimate()
+    except UserError as err:
+        st.caption(f":material/block: {err}")
+        return err
+    st.caption(f"Estimated cost: {cost.describe()} (rough; results already kept here are instant).")
+    return None
+
+
 def show_error(err: Exception, doing: str = "") -> None:
     """One sentence in a red box; the page goes on. A UserError says what was wrong with the input; anything
     else (a bug, a full disk, ...) is named by its type only, its traceback goes to the server log."""
