@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +17,7 @@ from core.budget import TraceCost, check_trace
 from core.errors import UserError
 from core.facts import Fact, predict
 from core.models import LoadedModel
-from core.progress import Progress
+from core.progress import Progress, Step
 from core.prompts import token_categories, tokenize
 from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS, TraceResult, trace
 
@@ -112,8 +113,12 @@ def average_indirect_effect(
     window: int = DEFAULT_WINDOW,
     progress: Progress | None = None,
     keep_traces: bool = False,
+    step: Step = nullcontext,
 ) -> AIEResult:
-    """Trace up to `limit` facts that the model predicts (the others are counted as skipped)."""
+    """Trace up to `limit` facts that the model predicts (the others are counted as skipped).
+
+    Each fact's work (its prediction and its trace) runs inside `step()`: the app passes its session's edits
+    applied under the model's lock (core.edits.applied), so the lock is taken per fact, not for the whole run."""
     started = time.perf_counter()
     means = {kind: [_Mean() for _ in CATEGORIES] for kind in kinds}
     target = len(facts) if limit is None else min(limit, len(facts))
@@ -121,11 +126,14 @@ def average_indirect_effect(
     for fact in facts:
         if used >= target:
             break
-        if not predict(lm, fact).known:
+        with step():
+            known = predict(lm, fact).known
+            if known:
+                fact_cost(lm, fact, samples, len(kinds))  # over a cap: one clear error, before its trace
+                result = trace(lm, fact.prompt, fact.subject, kinds=kinds, samples=samples, noise=noise, window=window)
+        if not known:
             skipped += 1
             continue
-        fact_cost(lm, fact, samples, len(kinds))  # over a cap: one clear error, before its trace
-        result = trace(lm, fact.prompt, fact.subject, kinds=kinds, samples=samples, noise=noise, window=window)
         for kind in kinds:
             effect = result.indirect_effect(kind)
             for mean, rows in zip(means[kind], token_categories(result.subject_range, len(result.tokens))):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch
 from core.errors import UserError
 from core.generation import cache_of
 from core.models import LoadedModel, cache_dir, weights_fingerprint
-from core.progress import Progress, within
+from core.progress import Progress, Step, within
 
 CORPORA = ("generated", "wikitext", "identity")
 DEFAULT_CORPUS = "generated"
@@ -91,9 +92,11 @@ def _start_token(lm: LoadedModel) -> int:
     return 0
 
 
-def generated_corpus(lm: LoadedModel, tokens: int, progress: Progress | None = None) -> torch.Tensor:
+def generated_corpus(
+    lm: LoadedModel, tokens: int, progress: Progress | None = None, step: Step = nullcontext
+) -> torch.Tensor:
     """(sequences, SEQUENCE_LENGTH) token ids the model samples itself (seeded, plain sampling at T=1),
-    cached on disk so every layer's statistics see the same text."""
+    cached on disk so every layer's statistics see the same text. Each batch runs inside `step()`."""
     length = min(SEQUENCE_LENGTH, tokens)
     sequences = -(-tokens // length)
     path = stats_folder(lm) / f"corpus_generated_{sequences}x{length}_seed{GENERATION_SEED}.safetensors"
@@ -108,7 +111,8 @@ def generated_corpus(lm: LoadedModel, tokens: int, progress: Progress | None = N
         for first in range(0, sequences, batch):
             rows = min(batch, sequences - first)
             ids = torch.full((rows, 1), start, dtype=torch.long, device=lm.device)
-            out.append(_sample(lm, ids, length, progress, done_before=first * length, total=sequences * length))
+            with step():
+                out.append(_sample(lm, ids, length, progress, done_before=first * length, total=sequences * length))
     corpus = torch.cat(out)[:, :length].contiguous().cpu()
     _save(path, {"input_ids": corpus}, {"corpus": "generated", "seed": str(GENERATION_SEED)})
     return corpus
@@ -219,7 +223,7 @@ def layer_keys(lm: LoadedModel, layer: int, input_ids: torch.Tensor) -> torch.Te
 
 
 def _key_second_moment(
-    lm: LoadedModel, layer: int, corpus: torch.Tensor, tokens: int, progress
+    lm: LoadedModel, layer: int, corpus: torch.Tensor, tokens: int, progress, step: Step = nullcontext
 ) -> tuple[torch.Tensor, int]:
     """Mean of k k^T over the first `tokens` positions of the corpus (accumulated in float64)."""
     size = lm.arch.mlp_out_weight(lm.model, layer).shape[1]
@@ -227,7 +231,8 @@ def _key_second_moment(
     count, batch = 0, 16
     rows_needed = corpus[: -(-tokens // corpus.shape[1])]
     for first in range(0, rows_needed.shape[0], batch):
-        keys = layer_keys(lm, layer, rows_needed[first : first + batch]).reshape(-1, size).double()
+        with step():
+            keys = layer_keys(lm, layer, rows_needed[first : first + batch]).reshape(-1, size).double()
         keys = keys[: tokens - count]
         mom2 += keys.T @ keys
         count += keys.shape[0]
@@ -242,8 +247,10 @@ def key_statistics(
     corpus: str = DEFAULT_CORPUS,
     tokens: int = DEFAULT_TOKENS,
     progress: Progress | None = None,
+    step: Step = nullcontext,
 ) -> KeyStatistics:
-    """E[k k^T] at `layer` over `tokens` corpus positions, from the disk cache when present."""
+    """E[k k^T] at `layer` over `tokens` corpus positions, from the disk cache when present. Each batch of
+    model work runs inside `step()` (the app: the model's lock, taken per batch, not for the whole run)."""
     _check(corpus, tokens)
     if not 0 <= layer < lm.num_layers:
         raise UserError(f"layer {layer} is outside the model's {lm.num_layers} layers")
@@ -260,8 +267,8 @@ def key_statistics(
     # progress: the first half is making the corpus (when not cached), the second the keys
     half = (lambda done, total: progress(done, 2 * total)) if progress else None
     second = within(progress, tokens, 2 * tokens)
-    text = generated_corpus(lm, tokens, half) if corpus == "generated" else wikitext_corpus(lm, tokens)
-    mom2, count = _key_second_moment(lm, layer, text, tokens, second)
+    text = generated_corpus(lm, tokens, half, step) if corpus == "generated" else wikitext_corpus(lm, tokens)
+    mom2, count = _key_second_moment(lm, layer, text, tokens, second, step)
     _save(
         path,
         {"mom2": mom2.cpu().contiguous(), "count": torch.tensor(count)},

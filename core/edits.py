@@ -9,6 +9,11 @@ Two ways to put edits on a model:
       with applied(lm, session_edits):
           text = generate(lm, prompts)
 
+  Long work takes the lock per step (per fact, per batch: `step=lambda: applied(lm, edits, ...)`), so other
+  sessions get their turn in between; `what`/`who` say who holds it (`holder(lm)`), and a session waiting for
+  it is told so through `waiting` every half second (the app shows "busy: <what> for <who>" and a Cancel
+  button there).
+
 - `EditStack(lm)`: edits that stay on the model (the command line): apply, undo any one, undo all. Each
   touched layer's original matrix is kept; undoing restores it and re-applies the remaining edits in order,
   so the weights equal bitwise what they would be had the undone edit never been made.
@@ -20,9 +25,10 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -127,13 +133,74 @@ def model_lock(lm: LoadedModel) -> threading.RLock:
         return lock
 
 
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a model's lock: what for (e.g. "tracing 'The Eiffel Tower ...'"), for whom, since when."""
+
+    what: str
+    who: str
+    since: float  # time.time()
+
+    def describe(self) -> str:
+        return f"busy: {self.what or 'working'} for {self.who or 'another session'} ({time.time() - self.since:.0f} s)"
+
+
+_HOLDERS: "weakref.WeakKeyDictionary[torch.nn.Module, Holder]" = weakref.WeakKeyDictionary()
+_WAITERS: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
+WAIT_POLL = 0.5  # seconds between two `waiting` calls
+
+
+def holder(lm: LoadedModel) -> Holder | None:
+    """Who holds the model's lock now (None: it is free, or held without a note)."""
+    return _HOLDERS.get(lm.model)
+
+
 @contextmanager
-def applied(lm: LoadedModel, edits: Sequence[Edit] = ()) -> Iterator[LoadedModel]:
+def _locked(lm: LoadedModel, what: str, who: str, waiting: Callable[[Holder | None], None] | None) -> Iterator[None]:
+    """The model's lock, noting `what`/`who` while held; `waiting(holder)` is called every WAIT_POLL seconds
+    while another thread has it (raising there, e.g. a cancel, stops the wait). On release, a moment is left
+    to a waiting thread, so a long run taking the lock per step cannot starve it."""
+    lock = model_lock(lm)
+    if not lock.acquire(blocking=False):
+        with _LOCKS_GUARD:
+            _WAITERS[lm.model] = _WAITERS.get(lm.model, 0) + 1
+        try:
+            while not lock.acquire(timeout=WAIT_POLL):
+                if waiting:
+                    waiting(holder(lm))
+        finally:
+            with _LOCKS_GUARD:
+                _WAITERS[lm.model] -= 1
+    previous = _HOLDERS.get(lm.model)
+    if what or who or previous is None:
+        _HOLDERS[lm.model] = Holder(what, who, time.time())
+    try:
+        yield
+    finally:
+        if previous is None:
+            _HOLDERS.pop(lm.model, None)
+        else:
+            _HOLDERS[lm.model] = previous
+        lock.release()
+        if _WAITERS.get(lm.model, 0):
+            time.sleep(0.005)  # let the waiting thread take it before this one comes back for its next step
+
+
+@contextmanager
+def applied(
+    lm: LoadedModel,
+    edits: Sequence[Edit] = (),
+    *,
+    what: str = "",
+    who: str = "",
+    waiting: Callable[[Holder | None], None] | None = None,
+) -> Iterator[LoadedModel]:
     """Hold the model's lock, apply `edits` in order, yield, then restore the touched weights bitwise
-    (also on error). Everything that reads the model for a session should run inside this."""
+    (also on error). Everything that reads the model for a session should run inside this; `what`, `who`
+    and `waiting` are the lock's note and the waiter's callback (see the module docstring)."""
     for edit in edits:
         check_edit(lm, edit)
-    with model_lock(lm):
+    with _locked(lm, what, who, waiting):
         originals = _originals(lm, {e.layer for e in edits})
         try:
             for edit in edits:

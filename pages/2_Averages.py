@@ -13,7 +13,17 @@ from core.aie import aie_cost
 from core.errors import UserError
 from core.facts import DEFAULT_FACTS, load_facts
 from core.tracing import KINDS
-from ui.common import bar_progress, current_model, digest, model_caption, page, run_aie, show_cost, show_error
+from ui.common import (
+    bar_progress,
+    cancel_button,
+    current_model,
+    digest,
+    model_caption,
+    page,
+    run_aie,
+    show_cost,
+    show_error,
+)
 
 page("Averages", ":material/show_chart:")
 st.title("Average indirect effect")
@@ -90,6 +100,7 @@ if run:
         try:
             facts, facts_key = read_facts()
             bar = st.progress(0.0, text=f"tracing up to {int(limit)} of {len(facts)} facts")
+            cancel = cancel_button("aie_cancel")
             result = run_aie(
                 lm,
                 facts,
@@ -100,6 +111,7 @@ if run:
                 progress=bar_progress(bar, "facts traced"),
             )
             bar.empty()
+            cancel.empty()
             if result.n == 0:
                 raise UserError(
                     f"the model predicts none of the {result.skipped} facts tried, so there is nothing to average"

@@ -15,6 +15,7 @@ from core.sentiment_trace import text_token_range
 from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS
 from ui.common import (
     bar_progress,
+    cancel_button,
     current_model,
     fit_proxy,
     model_caption,
@@ -61,9 +62,11 @@ if fit:
         if source.startswith("Upload") and upload is None:
             raise UserError("upload a CSV or TSV file first")
         bar = st.progress(0.0, text="reading the texts with the model")
+        cancel = cancel_button("sent_fit_cancel")
         data, name = (None, "") if upload is None else (upload.getvalue(), upload.name)
         report, proxy = fit_proxy(lm, data, name, progress=bar_progress(bar, "texts read"))
         bar.empty()
+        cancel.empty()
         state["sent_proxy"] = (lm.name, report, proxy, name or "data/sentiment_texts.tsv")
         state.pop("sent_trace", None)
     except Exception as err:  # the page's error boundary: one message, details in the log
@@ -117,6 +120,7 @@ if run and fitted is not None:
         show_error(UserError("choose at least one kind to trace"))
     else:
         bar = st.progress(0.0, text="preparing: clean and corrupted runs")
+        cancel = cancel_button("sent_trace_cancel")
         slots = {kind: col.empty() for kind, col in zip(kinds, st.columns(len(kinds)))}
 
         def draw(trace, kind: str) -> None:
@@ -134,6 +138,7 @@ if run and fitted is not None:
                 progress=bar_progress(bar, "token rows traced"),
             )
             bar.empty()
+            cancel.empty()
             state["sent_trace"] = trace
         except Exception as err:  # the page's error boundary: one message, details in the log
             bar.empty()

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from core.edits import Edit, EditRequest, applied, export_edits, import_edits
+from core.edits import Edit, EditRequest, Holder, applied, export_edits, import_edits
 from core.errors import UserError
 from core.models import EMBEDDED_MODEL, LoadedModel, load_model
-from core.progress import Progress
+from core.progress import Progress, Step
 
 MODEL_KEY = "model_name"
 EDITS_KEY = "edits"
@@ -165,6 +165,43 @@ def edits_from_bytes(data: bytes, lm: LoadedModel, name: str = "upload") -> list
             return import_edits(path, lm)
         except UserError as err:
             raise UserError(str(err).replace(repr(str(path)), repr(name))) from None
+
+
+# --- the model's lock, shared with other sessions ------------------------------------------------------------
+
+
+def session_label() -> str:
+    """A short name of this browser session, shown to the sessions waiting for it."""
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    return f"session {ctx.session_id[:6]}" if ctx is not None else "a session"
+
+
+def session_step(lm: LoadedModel, what: str) -> Step:
+    """Each step of this session's long work: its edits applied under the model's lock (taken per step, so
+    other sessions get their turn in between), noted as `what` for this session. While another session holds
+    the lock, a notice says "busy: <what> for <who>"; the page's Cancel button (a rerun) ends the wait."""
+    edits, who, notice = session_edits(lm), session_label(), []
+
+    def waiting(holder: Holder | None) -> None:
+        if not notice:
+            notice.append(st.empty())
+        text = holder.describe() if holder else "busy: the model is working for another session"
+        notice[0].info(f"{text} · waiting for it; **Cancel** stops waiting", icon=":material/hourglass_top:")
+
+    def step():
+        return applied(lm, edits, what=what, who=who, waiting=waiting)
+
+    return step
+
+
+def cancel_button(key: str):
+    """A Cancel button for the work that follows: pressing it reruns the page, which stops that work (or its
+    wait for the model) at its next progress report. Returns its slot: `.empty()` it when the work is done."""
+    slot = st.empty()
+    slot.button("Cancel", key=key, icon=":material/stop_circle:")
+    return slot
 
 
 # --- inputs -------------------------------------------------------------------------------------------------
@@ -338,8 +375,8 @@ def run_aie(
     if kept is not None:
         return kept
 
-    with applied(lm, session_edits(lm)):
-        result = average_indirect_effect(lm, facts, limit=limit, samples=samples, kinds=kinds, progress=progress)
+    step = session_step(lm, f"averaging {limit} facts")
+    result = average_indirect_effect(lm, facts, limit=limit, samples=samples, kinds=kinds, progress=progress, step=step)
     store().put(key, result)
     return result
 
@@ -408,7 +445,7 @@ def fit_proxy(lm: LoadedModel, data: bytes | None, name: str, progress: Progress
     index = np.arange(len(texts))
     train, test = train_test_split(index, test_size=0.3, random_state=0, stratify=texts.labels)
 
-    with applied(lm, session_edits(lm)):
+    with session_step(lm, f"reading {len(texts)} texts")():
         report = evaluate(lm, texts.subset(train), texts.subset(test), "feeling", cache=True, progress=progress)
     result = (report, FeelingProxy.from_dict(report.reader))
     store().put(key, result)
@@ -440,7 +477,7 @@ def trace_sentiment_progressively(
                 if progress:
                     progress(k * total + done, len(kinds) * total)
 
-            with applied(lm, session_edits(lm)):
+            with session_step(lm, f"a sentiment trace ({kind})")():
                 one = trace_sentiment(lm, text, proxy, kinds=[kind], samples=samples, window=window, progress=tick)
             store().put(key, one)
         if merged is None:
