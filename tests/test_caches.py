@@ -17,7 +17,10 @@ from core.tiny import tiny_model
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
+    from core import covariance
+
     monkeypatch.setenv("ROME_STUDIO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(covariance, "SEQUENCE_LENGTH", 8)  # short sampled rows: the same code, quickly
     return tmp_path / "cache"
 
 

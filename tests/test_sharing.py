@@ -99,7 +99,10 @@ def test_the_average_takes_the_lock_per_fact_so_another_session_gets_in(tokenize
     assert other_at[0] < 8  # session B got the model between two facts, not after the whole run
 
 
-def test_statistics_take_the_lock_per_batch(tokenizer):
+def test_statistics_take_the_lock_per_batch(tokenizer, monkeypatch):
+    from core import covariance
+
+    monkeypatch.setattr(covariance, "SEQUENCE_LENGTH", 4)  # 17 short rows: more than one batch of keys, quickly
     tiny = tiny_model("gpt2", tokenizer)
     entered = []
 
@@ -109,8 +112,8 @@ def test_statistics_take_the_lock_per_batch(tokenizer):
         with applied(tiny, what="statistics"):
             yield
 
-    key_statistics(tiny, 1, tokens=128 * 17, step=step)
+    key_statistics(tiny, 1, tokens=4 * 17, step=step)
     assert len(entered) >= 3  # one sampling batch and two key batches, each under the lock on its own
     entered.clear()
-    key_statistics(tiny, 1, tokens=128 * 17, step=step)
+    key_statistics(tiny, 1, tokens=4 * 17, step=step)
     assert entered == []  # from the cache: no model work
