@@ -107,8 +107,10 @@ def test_evaluate_methods_on_a_tiny_model(tiny, method):
     cases = load_counterfact(SMALL, limit=2)
     result = evaluate(tiny, cases, method, rome=TINY, ft=FTHyperParams(layer=1, steps=3), fluency_tokens=5)
     assert result.n + result.skipped == 2
-    for value in (result.efficacy, result.paraphrase, result.neighborhood):
-        assert 0.0 <= value <= 1.0
+    done = [c for c in result.cases if c.skipped is None]
+    for name in ("efficacy", "paraphrase", "neighborhood"):  # each score is the mean of the cases' scores
+        assert getattr(result, name) == pytest.approx(sum(getattr(c, name) for c in done) / len(done))
+    assert all(c.efficacy == float(c.p_new > c.p_true) for c in done)  # ES: P(new) > P(true) after the edit
     assert result.score == pytest.approx(harmonic_mean([result.efficacy, result.paraphrase, result.neighborhood]))
     assert result.fluency is not None and result.fluency >= 0
     assert len(result.cases) == 2 and result.cases[0].p_new is not None

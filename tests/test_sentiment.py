@@ -200,7 +200,8 @@ def test_evaluate_reports_on_tiny_models(tiny):
     assert probe.as_dict()["confusion_labels"] == list(CLASSES)
     fixed = evaluate(tiny, train, test, proxy="probe", layer=1)
     assert fixed.layer == 1 and fixed.layer_sweep == {}
-    assert 0.0 <= fixed.train_accuracy <= 1.0
+    on_train = evaluate(tiny, train, train, proxy="probe", layer=1)  # the train accuracy is the fit's own score
+    assert fixed.train_accuracy == pytest.approx(on_train.accuracy)
 
 
 def test_evaluate_rejects_bad_options(tiny):
@@ -302,8 +303,9 @@ def test_average_trace_by_category(tiny):
     )
     assert average.n + average.skipped == 2 and calls == [1, 2]
     assert average.effects["hidden"].shape == (len(CATEGORIES), tiny.num_layers)
-    layer, category, _ = average.peak("hidden")
-    assert 0 <= layer < tiny.num_layers and category in CATEGORIES
+    layer, category, effect = average.peak("hidden")
+    assert effect == np.nanmax(average.effects["hidden"])
+    assert average.effects["hidden"][CATEGORIES.index(category), layer] == effect
     with pytest.raises(UserError, match="nothing to average"):
         average_sentiment_trace(tiny, ["I love it!"], proxy, kinds=("hidden",), samples=1, min_gap=2.0)
 
@@ -404,7 +406,8 @@ def test_cli_evaluate_and_trace(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["n"] == sum(report["counts"].values()) and report["layer"] == 15
-    assert report["texts_per_second"] > 0 and 0 <= report["accuracy"] <= 1
+    assert report["texts_per_second"] > 0
+    assert report["accuracy"] == pytest.approx(np.trace(np.asarray(report["confusion"])) / report["n"])
     trace_out = tmp_path / "t.json"
     result = _cli(
         "trace", "--text", "What a lovely day!", "--kind", "hidden", "--samples", "1", "--json", str(trace_out)
