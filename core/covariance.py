@@ -51,9 +51,6 @@ class KeyStatistics:
     seconds: float  # time spent computing it now (0 when read from the cache)
     cached: bool
 
-    def covariance(self) -> torch.Tensor:
-        return self.mom2
-
 
 def _model_slug(lm: LoadedModel) -> str:
     """The model's name and its weights' fingerprint: statistics of other weights are never served."""

@@ -61,13 +61,13 @@ def find_subject_chars(text: str, subject: str) -> tuple[int, int]:
     raise PromptError(f"the subject {subject.strip()!r} does not occur in the prompt {text!r}")
 
 
-def _token_ends(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[int], str]:
+def _token_ends(tokenizer: PreTrainedTokenizerBase, text: str, special: bool) -> tuple[list[int], list[int], str]:
     """(ids, character end of each token, the text the ends index). Fast tokenizers: the offsets into `text`.
     Slow ones: cumulative lengths of the decoded tokens (as the paper's code), special tokens counting 0."""
     if tokenizer.is_fast:
-        encoding = tokenizer(text, return_offsets_mapping=True)
+        encoding = tokenizer(text, return_offsets_mapping=True, add_special_tokens=special)
         return list(encoding["input_ids"]), [end for _, end in encoding["offset_mapping"]], text
-    encoding = tokenizer(text, return_special_tokens_mask=True)
+    encoding = tokenizer(text, return_special_tokens_mask=True, add_special_tokens=special)
     ids = list(encoding["input_ids"])
     pieces = ["" if special else tokenizer.decode([i]) for i, special in zip(ids, encoding["special_tokens_mask"])]
     ends, at = [], 0
@@ -78,15 +78,19 @@ def _token_ends(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int
 
 
 def subject_span(
-    tokenizer: PreTrainedTokenizerBase, text: str, subject: str | tuple[int, int]
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    subject: str | tuple[int, int],
+    add_special_tokens: bool = True,
 ) -> tuple[list[int], tuple[int, int]]:
     """`text`'s token ids (tokenised as the tokenizer does by default, special tokens kept) and the [start, end)
     tokens covering the subject: the first token ending after the subject starts, through the first token
     ending at or after the subject ends (the paper's `find_token_range` rule).
 
     `subject` is either a string (its first occurrence, see `find_subject_chars`) or its [start, end)
-    character span in `text` (ROME knows where its "{}" was)."""
-    ids, ends, indexed = _token_ends(tokenizer, text)
+    character span in `text` (ROME knows where its "{}" was). `add_special_tokens=False` leaves out what the
+    tokenizer adds (a BOS): for a text that follows other tokens (ROME's context texts)."""
+    ids, ends, indexed = _token_ends(tokenizer, text, add_special_tokens)
     if isinstance(subject, str):
         char_start, char_end = find_subject_chars(indexed, subject)
         shown = subject

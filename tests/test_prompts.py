@@ -94,6 +94,7 @@ def test_subject_span_counts_the_bos(tokenizer, bos_tokenizer):
     at = text.index("the Colosseum")  # a character span gives the same tokens as the string
     assert subject_span(bos_tokenizer, text, (at, at + len("the Colosseum"))) == (bos_ids, bos_span)
     assert tokenize(bos_tokenizer, text, "the Colosseum").subject_range == bos_span
+    assert subject_span(bos_tokenizer, text, "the Colosseum", add_special_tokens=False) == (ids, span)
 
 
 def test_subject_at_the_start_after_a_bos(bos_tokenizer):
