@@ -22,18 +22,25 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ROME_STUDIO_CACHE", str(tmp_path / "cache"))
 
 
-def test_a_waiting_session_is_told_who_holds_the_model(tiny):
-    held, release, seen = threading.Event(), threading.Event(), []
+def hold_in_another_session(lm, what: str, who: str) -> tuple[threading.Thread, threading.Event]:
+    """Another thread holding the model's lock until the returned event is set."""
+    held, release = threading.Event(), threading.Event()
 
     def long_work():
-        with applied(tiny, what="tracing 'The Eiffel Tower'", who="session abc"):
+        with applied(lm, what=what, who=who):
             held.set()
             release.wait(10)
 
     worker = threading.Thread(target=long_work)
     worker.start()
     held.wait(10)
+    return worker, release
+
+
+def test_a_waiting_session_is_told_who_holds_the_model(tiny):
+    worker, release = hold_in_another_session(tiny, "tracing 'The Eiffel Tower'", "session abc")
     assert holder(tiny).who == "session abc"
+    seen = []
 
     def waiting(h):
         seen.append(h.describe())
@@ -47,16 +54,7 @@ def test_a_waiting_session_is_told_who_holds_the_model(tiny):
 
 
 def test_a_waiting_session_can_cancel(tiny):
-    held, release = threading.Event(), threading.Event()
-
-    def long_work():
-        with applied(tiny, what="averaging", who="session abc"):
-            held.set()
-            release.wait(10)
-
-    worker = threading.Thread(target=long_work)
-    worker.start()
-    held.wait(10)
+    worker, release = hold_in_another_session(tiny, "averaging", "session abc")
 
     class Cancelled(Exception):
         pass
