@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,15 +81,33 @@ class LoadedModel:
         }
 
 
+_DIGESTS: dict[int, tuple[weakref.ref, int, str]] = {}  # id(weight) -> (the weight, its _version, digest)
+
+
+def _digest(weight: torch.Tensor) -> str:
+    """SHA-1 of a weight's bytes, remembered until the weight changes (torch counts in-place changes in
+    `_version`), so only a matrix an edit touched is hashed again."""
+    known = _DIGESTS.get(id(weight))
+    if known is not None and known[0]() is weight and known[1] == weight._version:
+        return known[2]
+    data = weight.detach().contiguous().cpu()
+    digest = hashlib.sha1(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
+    key = id(weight)
+    _DIGESTS[key] = (weakref.ref(weight, lambda _, key=key: _DIGESTS.pop(key, None)), weight._version, digest)
+    return digest
+
+
 def weights_fingerprint(lm: LoadedModel) -> str:
-    """A cheap fingerprint of the weights (the token embeddings and every layer's MLP output projection, the
-    matrices edits change): part of every cache key, so a cache never serves what one set of weights gave to
-    another (an edited model, another checkpoint under the same name, another random model)."""
-    matrices = [lm.model.get_submodule(lm.arch.embed).weight]
-    matrices += [lm.arch.mlp_out_weight(lm.model, layer) for layer in range(lm.num_layers)]
-    with torch.no_grad():
-        sums = [(m.double().sum().item(), m.double().abs().sum().item(), tuple(m.shape)) for m in matrices]
-    return hashlib.sha256(repr(sums).encode()).hexdigest()[:16]
+    """A fingerprint of the weights (the token embeddings and every layer's MLP output projection, the
+    matrices edits change; exact bytes, not sums): part of every cache key, so a cache never serves what one
+    set of weights gave to another (an edited model, another checkpoint under the same name, another random
+    model). Each matrix is hashed once until it changes: a few milliseconds after the first call."""
+    embed = lm.model.get_submodule(lm.arch.embed).weight
+    stored = [
+        lm.model.get_submodule(lm.arch.layer_name(lm.model, layer, "mlp_out")).weight for layer in range(lm.num_layers)
+    ]
+    digests = [_digest(w) for w in [embed, *stored]]
+    return hashlib.sha256(" ".join(digests).encode()).hexdigest()[:16]
 
 
 def cache_dir() -> Path:
