@@ -21,6 +21,7 @@ from core.models import LoadedModel
 DEFAULT_TRACE_MB = 2048  # the recorded runs of one trace (the embedded model: ~1.5 MB a token and kind)
 DEFAULT_FEATURES_MB = 1024  # what one sentiment read keeps (the embedded model: ~71 KB a text)
 ROUGH_FLOPS = {"cpu": 50e9, "cuda": 20e12, "mps": 2e12}  # sustained rates for the time estimate (rough)
+CELL_OVERHEAD = {"cpu": 0.03, "cuda": 0.005, "mps": 0.01}  # seconds of fixed work per restored (token, layer) cell
 
 
 def _cap_mb(variable: str, default: int) -> int:
@@ -74,9 +75,10 @@ def trace_cost(
     per_block = max((lm.num_parameters - 2 * embedding.numel()) / layers, 1)  # multiply-adds per position
     logits = samples * traced * layers * kinds * embedding.numel()
     flops = 2 * (block_positions * per_block + logits)
-    rate = ROUGH_FLOPS.get(lm.device.type, ROUGH_FLOPS["cpu"])
+    device = lm.device.type if lm.device.type in ROUGH_FLOPS else "cpu"
+    seconds = flops / ROUGH_FLOPS[device] + traced * layers * kinds * CELL_OVERHEAD[device]
     memory = 2 * layers * (samples + 1) * num_tokens * hidden * lm.dtype.itemsize * kinds
-    return TraceCost(num_tokens, kinds, block_positions, memory, flops / rate)
+    return TraceCost(num_tokens, kinds, block_positions, memory, seconds)
 
 
 def check_trace(
