@@ -7,7 +7,8 @@ A causal trace of T prompt tokens, corrupted from token s, on a model of L layer
 A trace is refused when its prompt is longer than the model's context or its memory estimate is over the cap
 (`ROME_STUDIO_MAX_TRACE_MB`); the time estimate is shown before it runs. Reading texts for the sentiment fit
 keeps every layer's last state of every text (so switching probes costs no forward pass): capped the same
-way (`ROME_STUDIO_MAX_FEATURES_MB`). Key statistics are capped in tokens (MAX_STATS_TOKENS, core.covariance).
+way (`ROME_STUDIO_MAX_FEATURES_MB`). Key statistics are capped in tokens (MAX_STATS_TOKENS, core.covariance);
+`statistics_seconds` estimates them (sampling the corpus, then a forward pass over it).
 """
 
 from __future__ import annotations
@@ -98,6 +99,13 @@ def check_trace(
             "prompt, or use fewer samples or kinds"
         )
     return cost
+
+
+def statistics_seconds(lm: LoadedModel, tokens: int) -> float:
+    """A rough estimate of computing key statistics over `tokens` generated tokens: sampling them one at a time
+    (every layer and the logits), then reading the keys (the layers up to the key's, counted as all)."""
+    device = lm.device.type if lm.device.type in ROUGH_FLOPS else "cpu"
+    return 2 * 2 * tokens * lm.num_parameters / ROUGH_FLOPS[device]
 
 
 def check_features(lm: LoadedModel, num_texts: int, layers: int) -> int:

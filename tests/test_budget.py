@@ -83,3 +83,9 @@ def test_the_command_line_refuses_before_tracing(monkeypatch, capsys):
     code = main(["trace", "--prompt", "The Eiffel Tower is in", "--subject", "The Eiffel Tower"])
     err = capsys.readouterr().err
     assert code == 2 and "MB cap" in err and "Traceback" not in err
+
+
+def test_the_statistics_estimate_grows_with_the_tokens(tiny):
+    from core.budget import statistics_seconds
+
+    assert statistics_seconds(tiny, 2000) == pytest.approx(2 * statistics_seconds(tiny, 1000))
