@@ -35,3 +35,15 @@ def test_an_unexpected_error_is_one_message_and_logged(monkeypatch, caplog):
     assert len(messages) == 1 and "went wrong while averaging (RuntimeError)" in messages[0]
     assert "secret internal detail" not in messages[0]
     assert any("secret internal detail" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
+
+
+@pytest.mark.slow
+def test_the_trace_explorer_shows_the_cost_and_refuses_over_the_cap(monkeypatch):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600).run()
+    at.switch_page("pages/1_Trace_explorer.py").run()
+    assert any(c.value.startswith("Estimated cost: 10 tokens, 3 kinds: about") for c in at.caption)
+    monkeypatch.setenv("ROME_STUDIO_MAX_TRACE_MB", "1")
+    at.button(key="trace_run").click().run()
+    assert not at.exception
+    assert len(at.error) == 1 and "over the 1 MB cap" in at.error[0].value
+    assert "trace_result" not in at.session_state
