@@ -55,7 +55,6 @@ def uncached_statistics(lm, layer: int, hp: RomeHyperParams) -> None:
     saved = os.environ.get("ROME_STUDIO_CACHE")
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["ROME_STUDIO_CACHE"] = tmp
-        lm.extra.pop("key_statistics", None)
         try:
             wall, cpu = time.perf_counter(), time.process_time()
             stats = key_statistics(lm, layer, hp.stats_corpus, hp.stats_tokens)
@@ -69,14 +68,12 @@ def uncached_statistics(lm, layer: int, hp: RomeHyperParams) -> None:
                 os.environ.pop("ROME_STUDIO_CACHE")
             else:
                 os.environ["ROME_STUDIO_CACHE"] = saved
-            lm.extra.pop("key_statistics", None)
 
 
 def latency(lm, hp: RomeHyperParams, uncached: bool = True) -> None:
     layer = default_layer(lm) if hp.layer is None else hp.layer
     if uncached:
         uncached_statistics(lm, layer, hp)
-    lm.extra.pop("key_statistics", None)
     key_statistics(lm, layer, hp.stats_corpus, hp.stats_tokens)  # the real cache (computed once if missing)
     compute_edit(lm, REQUESTS[0], hp)  # warm-up: context texts, allocator
     rows = []

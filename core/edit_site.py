@@ -10,13 +10,10 @@ Kept apart from core/rome.py so that editing does not import tracing (and tracin
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from core.edits import EditRequest
 from core.errors import UserError
 from core.models import EMBEDDED_MODEL, LoadedModel
-
-Progress = Callable[[int, int], None]
+from core.progress import Progress
 
 # Default edit layer of the embedded model: the layer of peak average MLP indirect effect at the last
 # subject token over facts the model predicts, from its own causal traces (core.tracing.trace, kind mlp,

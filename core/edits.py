@@ -9,6 +9,11 @@ Two ways to put edits on a model:
       with applied(lm, session_edits):
           text = generate(lm, prompts)
 
+  Long work takes the lock per step (per fact, per batch: `step=lambda: applied(lm, edits, ...)`), so other
+  sessions get their turn in between; `what`/`who` say who holds it (`holder(lm)`), and a session waiting for
+  it is told so through `waiting` every half second (the app shows "busy: <what> for <who>" and a Cancel
+  button there).
+
 - `EditStack(lm)`: edits that stay on the model (the command line): apply, undo any one, undo all. Each
   touched layer's original matrix is kept; undoing restores it and re-applies the remaining edits in order,
   so the weights equal bitwise what they would be had the undone edit never been made.
@@ -25,9 +30,10 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -188,13 +194,74 @@ def is_edited(lm: LoadedModel) -> bool:
     return bool(_PRISTINE.get(lm.model))
 
 
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a model's lock: what for (e.g. "tracing 'The Eiffel Tower ...'"), for whom, since when."""
+
+    what: str
+    who: str
+    since: float  # time.time()
+
+    def describe(self) -> str:
+        return f"busy: {self.what or 'working'} for {self.who or 'another session'} ({time.time() - self.since:.0f} s)"
+
+
+_HOLDERS: "weakref.WeakKeyDictionary[torch.nn.Module, Holder]" = weakref.WeakKeyDictionary()
+_WAITERS: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
+WAIT_POLL = 0.5  # seconds between two `waiting` calls
+
+
+def holder(lm: LoadedModel) -> Holder | None:
+    """Who holds the model's lock now (None: it is free, or held without a note)."""
+    return _HOLDERS.get(lm.model)
+
+
 @contextmanager
-def applied(lm: LoadedModel, edits: Sequence[Edit] = ()) -> Iterator[LoadedModel]:
+def _locked(lm: LoadedModel, what: str, who: str, waiting: Callable[[Holder | None], None] | None) -> Iterator[None]:
+    """The model's lock, noting `what`/`who` while held; `waiting(holder)` is called every WAIT_POLL seconds
+    while another thread has it (raising there, e.g. a cancel, stops the wait). On release, a moment is left
+    to a waiting thread, so a long run taking the lock per step cannot starve it."""
+    lock = model_lock(lm)
+    if not lock.acquire(blocking=False):
+        with _LOCKS_GUARD:
+            _WAITERS[lm.model] = _WAITERS.get(lm.model, 0) + 1
+        try:
+            while not lock.acquire(timeout=WAIT_POLL):
+                if waiting:
+                    waiting(holder(lm))
+        finally:
+            with _LOCKS_GUARD:
+                _WAITERS[lm.model] -= 1
+    previous = _HOLDERS.get(lm.model)
+    if what or who or previous is None:
+        _HOLDERS[lm.model] = Holder(what, who, time.time())
+    try:
+        yield
+    finally:
+        if previous is None:
+            _HOLDERS.pop(lm.model, None)
+        else:
+            _HOLDERS[lm.model] = previous
+        lock.release()
+        if _WAITERS.get(lm.model, 0):
+            time.sleep(0.005)  # let the waiting thread take it before this one comes back for its next step
+
+
+@contextmanager
+def applied(
+    lm: LoadedModel,
+    edits: Sequence[Edit] = (),
+    *,
+    what: str = "",
+    who: str = "",
+    waiting: Callable[[Holder | None], None] | None = None,
+) -> Iterator[LoadedModel]:
     """Hold the model's lock, apply `edits` in order, yield, then restore the touched weights bitwise
-    (also on error). Everything that reads the model for a session should run inside this."""
+    (also on error). Everything that reads the model for a session should run inside this; `what`, `who`
+    and `waiting` are the lock's note and the waiter's callback (see the module docstring)."""
     for edit in edits:
         check_edit(lm, edit)
-    with changed_weights(lm, {e.layer for e in edits}):
+    with _locked(lm, what, who, waiting), changed_weights(lm, {e.layer for e in edits}):
         for edit in edits:
             _add(lm, edit)
         yield lm
@@ -270,8 +337,46 @@ def export_edits(edits: Sequence[Edit], path: str | Path) -> Path:
     return path
 
 
+def _checked_parts(record: object, i: int, tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Check one edit record of a file (every field's type, finite vectors); returns its u, v, key, value."""
+
+    def bad(why: str) -> UserError:
+        return UserError(f"edits file {where!r} is malformed: edit {i} {why}")
+
+    if not isinstance(record, dict):
+        raise bad("is not a JSON object")
+    if not isinstance(record.get("id"), str) or not record["id"].strip():
+        raise bad("has no text id")
+    if not isinstance(record.get("model"), str):
+        raise bad("has no model name")
+    if type(record.get("layer")) is not int or record["layer"] < 0:
+        raise bad("has no whole, non-negative layer")
+    if not isinstance(record.get("info", {}), dict):
+        raise bad("has an 'info' that is not a JSON object")
+    request = record.get("request")
+    if not isinstance(request, dict):
+        raise bad("has no request")
+    for name in ("prompt", "subject", "target_new"):
+        if not isinstance(request.get(name), str) or not request[name].strip():
+            raise bad(f"has an empty or non-text request {name!r}")
+    if request.get("target_true") is not None and not isinstance(request["target_true"], str):
+        raise bad("has a non-text request 'target_true'")
+    parts = {}
+    for name in ("u", "v", "key", "value"):
+        tensor = tensors.get(f"{i}.{name}")
+        if tensor is None or tensor.ndim != 1 or not tensor.is_floating_point():
+            raise bad(f"lacks its vector {name!r}")
+        if not torch.isfinite(tensor).all():
+            raise bad(f"has non-finite numbers in {name!r}")
+        parts[name] = tensor
+    if parts["u"].shape != parts["key"].shape or parts["v"].shape != parts["value"].shape:
+        raise bad("has vectors of mismatched sizes")
+    return parts
+
+
 def import_edits(path: str | Path, lm: LoadedModel | None = None) -> list[Edit]:
-    """Read edits written by `export_edits`; with `lm`, check they fit its layers (tensors go to its device)."""
+    """Read edits written by `export_edits`, checking every field (types, finite vectors); with `lm`, check
+    they were made for that model and fit its layers (tensors go to its device)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"edits file {str(path)!r} does not exist")
@@ -285,23 +390,33 @@ def import_edits(path: str | Path, lm: LoadedModel | None = None) -> list[Edit]:
         raise UserError(f"edits file {str(path)!r} was not written by ROME Studio (no {FORMAT} marker)")
     try:
         records = json.loads(metadata["edits"])
-        edits = []
-        for i, record in enumerate(records):
-            parts = {name: tensors[f"{i}.{name}"] for name in ("u", "v", "key", "value")}
-            if lm is not None:
-                parts = {k: t.to(device=lm.device, dtype=lm.dtype) for k, t in parts.items()}
-            edits.append(
-                Edit(
-                    request=EditRequest(**record["request"]),
-                    layer=int(record["layer"]),
-                    model=record.get("model", ""),
-                    id=record["id"],
-                    info=record.get("info", {}),
-                    **parts,
+    except (KeyError, ValueError) as err:
+        raise UserError(f"edits file {str(path)!r} is malformed (no readable edit records: {err})") from None
+    if not isinstance(records, list):
+        raise UserError(f"edits file {str(path)!r} is malformed (its edit records are not a list)")
+    edits = []
+    for i, record in enumerate(records):
+        parts = _checked_parts(record, i, tensors, str(path))
+        if lm is not None:
+            if record["model"] and record["model"] != lm.name:
+                raise UserError(
+                    f"edit {i} ({record['id']}) in {str(path)!r} was made for the model {record['model']!r}, "
+                    f"not for {lm.name!r}: load that model to apply it"
                 )
+            parts = {k: t.to(device=lm.device, dtype=lm.dtype) for k, t in parts.items()}
+        request = record["request"]
+        edits.append(
+            Edit(
+                request=EditRequest(
+                    request["prompt"], request["subject"], request["target_new"], request.get("target_true")
+                ),
+                layer=record["layer"],
+                model=record["model"],
+                id=record["id"],
+                info=record.get("info", {}),
+                **parts,
             )
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"edits file {str(path)!r} is malformed ({err})") from None
+        )
     if lm is not None:
         for edit in edits:
             check_edit(lm, edit)

@@ -24,7 +24,7 @@ import re
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -37,11 +37,12 @@ from core.edits import EditRequest, applied, changed_weights, unedited
 from core.errors import UserError
 from core.generation import GenerationSettings, generate, generate_ids
 from core.models import LoadedModel
-from core.rome import RomeHyperParams, compute_edit, target_ids
+from core.progress import Progress
+from core.prompts import target_ids
+from core.rome import RomeHyperParams, compute_edit
 
 METHODS = ("none", "rome", "ft")
 TEXT_TOKENS = 20  # new tokens of the greedy continuations the text-level scores read
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def target_log_probs(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[
     rows = []
     for prompt, target in zip(prompts, targets):
         p = lm.tokenizer(prompt)["input_ids"]
-        t = target_ids(lm, target)
+        t = target_ids(lm.tokenizer, target)
         rows.append((p + t, len(p), len(t)))
     out = np.zeros(len(rows))
     with torch.no_grad():
@@ -180,7 +181,7 @@ def ft_delta(lm: LoadedModel, request: EditRequest, hp: FTHyperParams | None = N
         raise UserError("the new target is empty")
     weight = lm.model.get_submodule(lm.arch.layer_name(lm.model, layer, "mlp_out")).weight
     prompt = lm.tokenizer(request.text)["input_ids"]
-    new = target_ids(lm, request.target_new)
+    new = target_ids(lm.tokenizer, request.target_new)
     ids = torch.tensor([prompt + new[:-1]], device=lm.device)
     positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(new), device=lm.device)
     wanted = torch.tensor(new, device=lm.device)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
@@ -40,9 +41,9 @@ from core.forward import LayerKV, PrefixCache, final_logits, record_kv, run_bloc
 from core.generation import GenerationSettings, cache_of, generate_ids
 from core.hooks import Hooks
 from core.models import LoadedModel
-from core.prompts import find_subject_chars
+from core.progress import Progress
+from core.prompts import find_subject_chars, subject_span, target_ids
 
-Progress = Callable[[int, int], None]
 CONTEXT_PREFIXES = ("The", "Therefore", "Because", "I", "You")
 EARLY_STOPS = ("nll", "loss", "none")
 SOLVE_AT = ("plain", "mean")
@@ -100,6 +101,9 @@ PAPER = RomeHyperParams(context_lengths=((5, 10), (10, 10)), early_stop="loss", 
 # --- context texts -----------------------------------------------------------------------------------------
 
 
+_CONTEXTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, Contexts]]" = weakref.WeakKeyDictionary()
+
+
 @dataclass(frozen=True)
 class Contexts:
     """Short texts the model sampled itself that prefix the edit prompt: each as token ids (ending in ".")
@@ -116,7 +120,7 @@ def context_texts(
     and `tokens` tokens sampled top-k 5 (seeded), each closed by "." (the paper's "{text}. {prompt}").
     Kept as token ids so that contexts of one length batch together. Sampled from the unedited weights and
     cached on the model."""
-    memo = lm.extra.setdefault("rome_contexts", {})
+    memo = _CONTEXTS.setdefault(lm.model, {})
     key = (tuple(lengths), seed)
     if key in memo:
         return memo[key]
@@ -143,33 +147,13 @@ def context_texts(
 def subject_tokens(
     lm: LoadedModel, prompt: str, subject: str, context: tuple[int, ...] = ()
 ) -> tuple[list[int], tuple[int, int]]:
-    """Token ids of the context followed by prompt(subject) (after a space when there is a context), and
-    the subject's [start, end) token span in them, by the paper's rule (see core.prompts)."""
+    """Token ids of the context followed by prompt(subject) (after a space when there is a context, and then
+    without a second BOS), and the subject's [start, end) token span in them (core.prompts.subject_span)."""
     lead = " " if context else ""
     text = lead + prompt.replace("{}", subject, 1)
-    char_start = len(lead) + prompt.index("{}")
-    char_end = char_start + len(subject)
-    tok = lm.tokenizer
-    if tok.is_fast:
-        enc = tok(text, return_offsets_mapping=True)
-        ids, ends = list(enc["input_ids"]), [end for _, end in enc["offset_mapping"]]
-    else:
-        ids = list(tok(text)["input_ids"])
-        ends, loc = [], 0
-        for i in ids:
-            loc += len(tok.decode([i]))
-            ends.append(loc)
-    start = next((i for i, e in enumerate(ends) if e > char_start), None)
-    end = next((i + 1 for i, e in enumerate(ends) if e >= char_end), None)
-    if start is None or end is None or end <= start:
-        raise UserError(f"cannot map the subject {subject!r} to tokens of {text!r}")
+    at = len(lead) + prompt.index("{}")
+    ids, (start, end) = subject_span(lm.tokenizer, text, (at, at + len(subject)), add_special_tokens=not context)
     return list(context) + ids, (len(context) + start, len(context) + end)
-
-
-def target_ids(lm: LoadedModel, target: str) -> list[int]:
-    """Token ids of the target as a continuation (with one leading space, as the paper's code)."""
-    ids = lm.tokenizer(" " + target.strip())["input_ids"]
-    return list(ids)
 
 
 def validate_request(lm: LoadedModel, request: EditRequest) -> EditRequest:
@@ -190,7 +174,7 @@ def validate_request(lm: LoadedModel, request: EditRequest) -> EditRequest:
         raise UserError("the prompt must go on after the subject (e.g. '{} is located in the city of')")
     if not request.target_new or not request.target_new.strip():
         raise UserError("the new target is empty")
-    new = target_ids(lm, request.target_new)
+    new = target_ids(lm.tokenizer, request.target_new)
     ids, _ = subject_tokens(lm, request.prompt, request.subject)
     answer_ids = generate_ids(lm, [ids], GenerationSettings(max_new_tokens=len(new)), exact_length=True)[0]
     answer = lm.tokenizer.decode(answer_ids[:1])
@@ -219,7 +203,7 @@ class EditRow:
 def edit_rows(lm: LoadedModel, request: EditRequest, contexts: Contexts, offset: int = 0) -> list[EditRow]:
     """The plain rewrite prompt, each context-prefixed one (all followed by the target's tokens but the
     last), then the KL prompt "{subject} is a". `offset`: key token this many tokens before the last."""
-    new = target_ids(lm, request.target_new)
+    new = target_ids(lm.tokenizer, request.target_new)
     rows = []
     for context in contexts.ids:
         ids, (start, end) = subject_tokens(lm, request.prompt, request.subject, context)
@@ -475,7 +459,7 @@ def compute_edit(
     key_seconds = time.perf_counter() - edit_start
 
     value_start = time.perf_counter()
-    batch = value_batch(lm, rows, recording, target_ids(lm, request.target_new))
+    batch = value_batch(lm, rows, recording, target_ids(lm.tokenizer, request.target_new))
     plain_output = recording.outputs[0]  # the first row is the plain prompt
     delta, trace = optimise_value(lm, batch, layer, plain_output, hp, lambda step: tick(stats_units + step))
     value_seconds = time.perf_counter() - value_start

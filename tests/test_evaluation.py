@@ -150,8 +150,9 @@ def test_evaluate_methods_on_a_tiny_model(tiny, method):
     result = evaluate(tiny, cases, method, rome=TINY, ft=FTHyperParams(layer=1, steps=3), fluency_tokens=5)
     assert result.n + result.skipped == 2
     done = [c for c in result.cases if c.skipped is None]
-    for name in ("efficacy", "paraphrase", "neighborhood"):
+    for name in ("efficacy", "paraphrase", "neighborhood"):  # each score is the mean of the cases' scores
         assert getattr(result, name) == pytest.approx(sum(getattr(c, name) for c in done) / len(done))
+    assert all(c.efficacy == float(c.p_new > c.p_true) for c in done)  # ES: P(new) > P(true) after the edit
     assert result.score == pytest.approx(harmonic_mean([result.efficacy, result.paraphrase, result.neighborhood]))
     assert result.fluency is not None and result.fluency >= 0
     assert len(result.cases) == 2 and result.cases[0].p_new is not None

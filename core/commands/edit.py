@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
-from tqdm import tqdm
 
-from core.commands.common import load, positive_int
-from core.covariance import CORPORA, DEFAULT_CORPUS, DEFAULT_TOKENS
-from core.edit_site import KEY_TOKENS
+from core.budget import statistics_seconds
+from core.commands.common import load, output_file, positive_int
+from core.commands.progress import progress_bar
+from core.covariance import CORPORA, DEFAULT_CORPUS, DEFAULT_TOKENS, statistics_cached
+from core.edit_site import KEY_TOKENS, default_layer
 from core.edits import EditRequest, applied, export_edits
 from core.evaluation import names_object, target_log_probs
 from core.generation import MAX_NEW_TOKENS, GenerationSettings, generate
@@ -35,7 +37,9 @@ def register(subparsers, add_common_options) -> None:
     parser.add_argument(
         "--stats-tokens", type=positive_int, default=DEFAULT_TOKENS, help="corpus tokens for the statistics"
     )
-    parser.add_argument("--export", metavar="FILE", help="also write the edit (safetensors + JSON metadata)")
+    parser.add_argument(
+        "--export", metavar="FILE", type=output_file, help="also write the edit (safetensors + JSON metadata)"
+    )
     add_common_options(parser)
     parser.set_defaults(run=run)
 
@@ -57,13 +61,11 @@ def run(args: argparse.Namespace) -> dict:
 
     p_new_before, p_true_before = probabilities()
     before = generate(lm, args.generate, settings)
-    with tqdm(total=1, desc="edit", unit="step", leave=False) as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
+    layer = default_layer(lm) if hp.layer is None else hp.layer
+    if not statistics_cached(lm, layer, hp.stats_corpus, hp.stats_tokens):
+        seconds = statistics_seconds(lm, hp.stats_tokens)
+        print(f"key statistics for layer {layer} are not cached: about {seconds / 60:.0f} min, once", file=sys.stderr)
+    with progress_bar("edit") as progress:
         edit = compute_edit(lm, request, hp, progress=progress)
     with applied(lm, [edit]):
         p_new_after, p_true_after = probabilities()
