@@ -29,11 +29,12 @@ import json
 import time
 import weakref
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from core.covariance import DEFAULT_CORPUS, DEFAULT_TOKENS, key_statistics, statistics_cached
+from core.covariance import DEFAULT_CORPUS, DEFAULT_TOKENS, KeyStatistics, key_statistics, statistics_cached
 from core.edit_site import KEY_TOKENS, default_layer, key_offset
 from core.edits import Edit, EditRequest, unedited
 from core.errors import UserError
@@ -41,7 +42,7 @@ from core.forward import LayerKV, PrefixCache, final_logits, record_kv, run_bloc
 from core.generation import GenerationSettings, cache_of, generate_ids
 from core.hooks import Hooks
 from core.models import LoadedModel
-from core.progress import Progress
+from core.progress import Progress, Step
 from core.prompts import find_subject_chars, subject_span, target_ids
 
 CONTEXT_PREFIXES = ("The", "Therefore", "Because", "I", "You")
@@ -425,10 +426,13 @@ def compute_edit(
     request: EditRequest,
     hparams: RomeHyperParams | None = None,
     progress: Progress | None = None,
+    step: Step = nullcontext,
 ) -> Edit:
     """The rank-one edit that makes the model give `request.target_new` for the subject (weights unchanged;
     apply it with core.edits). Computed on the model as it is (with any edit it carries; statistics and
-    context texts come from the unedited weights). Multi-token targets work. Raises UserError for bad input."""
+    context texts come from the unedited weights). Model work runs inside `step()`: each batch of the
+    statistics (when not cached), then the edit itself (the app: its session's edits under the lock, taken
+    per step). Multi-token targets work. Raises UserError for bad input."""
     started = time.perf_counter()
     cpu_start = time.process_time()
     hp = hparams or RomeHyperParams()
@@ -449,7 +453,23 @@ def compute_edit(
         hp.stats_corpus,
         hp.stats_tokens,
         progress=(lambda done, of: tick(int(stats_units * done / max(of, 1)))) if progress else None,
+        step=step,
     )
+    with step():
+        return _edit(lm, request, hp, layer, stats, lambda done: tick(stats_units + done), started, cpu_start)
+
+
+def _edit(
+    lm: LoadedModel,
+    request: EditRequest,
+    hp: RomeHyperParams,
+    layer: int,
+    stats: KeyStatistics,
+    tick: Callable[[int], None],
+    started: float,
+    cpu_start: float,
+) -> Edit:
+    """compute_edit's steps once the statistics are there (see compute_edit)."""
     edit_start = time.perf_counter()
 
     offset = key_offset(lm, request, layer, hp.key_token)
@@ -461,7 +481,7 @@ def compute_edit(
     value_start = time.perf_counter()
     batch = value_batch(lm, rows, recording, target_ids(lm.tokenizer, request.target_new))
     plain_output = recording.outputs[0]  # the first row is the plain prompt
-    delta, trace = optimise_value(lm, batch, layer, plain_output, hp, lambda step: tick(stats_units + step))
+    delta, trace = optimise_value(lm, batch, layer, plain_output, hp, tick)
     value_seconds = time.perf_counter() - value_start
 
     with torch.no_grad():
@@ -471,7 +491,7 @@ def compute_edit(
         wanted = weight @ solve_key + delta  # W k + delta: the output without the bias, moved by delta
         u, v = rank_one_update(stats.mom2.to(device=lm.device, dtype=torch.float32), k_star, wanted, weight, solve_key)
         value = wanted + (bias.float() if bias is not None else 0)
-    tick(total)
+    tick(hp.steps)
     info = {
         "hparams": json.loads(json.dumps(asdict(hp))),  # JSON types (lists, not tuples): exports round-trip
         "layer": layer,

@@ -13,7 +13,6 @@ import streamlit as st
 from core.covariance import DEFAULT_TOKENS, statistics_cached
 from core.edit_site import default_layer
 from core.edits import EditRequest, applied
-from core.errors import UserError
 from core.generation import GenerationSettings, generate
 from core.rome import RomeHyperParams, compute_edit, validate_request
 from ui.common import (
@@ -29,6 +28,7 @@ from ui.common import (
     remove_edit,
     reset_edits,
     session_edits,
+    session_step,
     show_error,
     text_summary,
 )
@@ -119,15 +119,15 @@ if submitted:
             else f" (key statistics for layer {hp.layer} first: once, then cached)"
         )
         bar.progress(0.1, text="computing the edit" + stats_note)
-        with applied(lm, edits):  # computed on the model with this session's earlier edits
-            edit = compute_edit(
-                lm,
-                request,
-                hp,
-                progress=lambda done, total: bar.progress(
-                    0.1 + 0.8 * done / max(total, 1), text=f"computing the edit{stats_note}: {done} of {total}"
-                ),
-            )
+        edit = compute_edit(  # on the model with this session's earlier edits, the lock taken per step
+            lm,
+            request,
+            hp,
+            progress=lambda done, total: bar.progress(
+                0.1 + 0.8 * done / max(total, 1), text=f"computing the edit{stats_note}: {done} of {total}"
+            ),
+            step=session_step(lm, f"editing {request.text!r}"),
+        )
         bar.progress(0.9, text="measuring the model after the edit")
         after = measure(lm, edits + [edit], request, gens, checks)
         bar.empty()
@@ -140,8 +140,8 @@ if submitted:
             "gens": gens,
             "seconds": edit.info["seconds"],
         }
-    except UserError as err:
-        show_error(err)
+    except Exception as err:  # the page's error boundary: one message, details in the log
+        show_error(err, "editing")
 
 comparison = state.get("edit_comparison")
 if comparison is not None and comparison["edit_id"] in {e.id for e in session_edits(lm)}:
@@ -243,21 +243,19 @@ with tools:
             added = add_edits(edits_from_bytes(upload.getvalue(), lm, upload.name))
             st.success(f"Imported {added} edit{'s' if added != 1 else ''}.")
             st.rerun()
-        except UserError as err:
-            show_error(err)
+        except Exception as err:  # the page's error boundary: one message, details in the log
+            show_error(err, "importing edits")
 
 st.divider()
 st.subheader("Try the model (with this session's edits)")
 c1, c2 = st.columns([5, 1])
-try_prompt = c1.text_input(
-    "Prompt", "The Eiffel Tower is located in", key="try_prompt", label_visibility="collapsed"
-)
+try_prompt = c1.text_input("Prompt", "The Eiffel Tower is located in", key="try_prompt", label_visibility="collapsed")
 if c2.button("Generate", key="try_run"):
     try:
         with applied(lm, session_edits(lm)):
             state["try_text"] = generate(lm, [try_prompt], GenerationSettings(max_new_tokens=20))[0]
-    except UserError as err:
+    except Exception as err:  # the page's error boundary: one message, details in the log
         state.pop("try_text", None)
-        show_error(err)
+        show_error(err, "generating")
 if "try_text" in state:
     st.code(state["try_text"], language=None, wrap_lines=True)
