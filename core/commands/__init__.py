@@ -12,4 +12,5 @@ COMMAND_MODULES = [
     "core.commands.evaluate",
     "core.commands.sentiment",
     "core.commands.apply",
+    "core.commands.many",
 ]

@@ -1,4 +1,4 @@
-"""`python -m core apply --edits FILE --save DIR`: put exported edits on a model and save it as a Hugging Face folder."""
+"""`python -m core apply --edits FILE --save DIR`: exported edits on a model, saved as a Hugging Face folder."""
 
 from __future__ import annotations
 

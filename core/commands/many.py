@@ -1,0 +1,67 @@
+"""`python -m core edit-many`: many CounterFact edits on one model (sequential ROME / AlphaEdit, or one MEMIT
+batch), scored over all edits after every k of them; optionally save the edited model."""
+
+from __future__ import annotations
+
+import argparse
+
+from core.commands.common import load, positive_int
+from core.commands.progress import progress_bar
+from core.counterfact import PROJECT_FILE, load_counterfact
+from core.edits import export_edits
+from core.many import METHODS, ManyParams, edit_many
+from core.rome import RomeHyperParams
+from core.saving import check_save_folder, save_edited_model
+
+
+def register(subparsers, add_common_options) -> None:
+    parser = subparsers.add_parser("edit-many", help="many edits on one model: sequential or one batch, measured")
+    parser.add_argument("--data", default=str(PROJECT_FILE), help="CounterFact-format JSON file")
+    parser.add_argument("--method", choices=METHODS, default="rome", help="memit: one batch; the others sequential")
+    parser.add_argument("--limit", type=positive_int, default=None, help="only the first N cases")
+    parser.add_argument("--layer", type=int, default=None, help="edit layer of rome/alphaedit (default: the model's)")
+    parser.add_argument("--curve-every", type=positive_int, default=10, help="a curve point after every N edits")
+    parser.add_argument(
+        "--fluency-tokens", type=int, default=40, help="tokens sampled per generation prompt (0: no fluency)"
+    )
+    parser.add_argument("--save", metavar="DIR", help="save the edited model as a Hugging Face folder")
+    parser.add_argument("--export", metavar="FILE", help="write the edits (safetensors + JSON metadata)")
+    add_common_options(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.save:
+        check_save_folder(args.save)
+    cases = load_counterfact(args.data, args.limit)
+    lm = load(args)
+    params = ManyParams(
+        method=args.method,
+        rome=RomeHyperParams(layer=args.layer),
+        curve_every=args.curve_every,
+        fluency_tokens=max(0, args.fluency_tokens),
+    )
+    params.rome.check(lm)
+    with progress_bar(f"edit-many {args.method}") as progress:
+        result, edits = edit_many(lm, cases, params, progress=progress)
+    if args.export:
+        export_edits(edits, args.export)
+    if args.save:
+        save_edited_model(lm, edits, args.save)
+    print(f"{'edits':>6} {'ES':>6} {'PS':>6} {'NS':>6} {'fluency':>8} {'norm':>8} {'s':>6}")
+    for p in result.curve:
+        flu = "-" if p.fluency is None else f"{p.fluency:.3f}"
+        print(
+            f"{p.edits:>6} {p.efficacy:>6.3f} {p.paraphrase:>6.3f} {p.neighborhood:>6.3f} {flu:>8} "
+            f"{p.update_norm:>8.2f} {p.seconds:>6.0f}"
+        )
+    flu = "-" if result.fluency is None else f"{result.fluency:.3f} (unedited {result.fluency_unedited:.3f})"
+    print(
+        f"{args.method}: n={result.n} (skipped {result.skipped})  ES {result.efficacy:.3f}  PS {result.paraphrase:.3f}"
+        f"  NS {result.neighborhood:.3f}  fluency {flu}  ({result.seconds:.0f} s)"
+    )
+    if args.save:
+        print(f"edited model saved to {args.save}")
+    out = result.to_json()
+    out.update({"model": lm.name, "data": args.data, "saved": args.save, "exported": args.export})
+    return out
