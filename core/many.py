@@ -151,8 +151,8 @@ def update_norm(edits: Sequence[Edit]) -> float:
 class _Curve:
     """Measures curve points and the final scores; knows which cases were applied."""
 
-    def __init__(self, lm: LoadedModel, cases: Sequence[CounterFactCase], params: ManyParams, started: float):
-        self.lm, self.cases, self.params, self.started = lm, cases, params, started
+    def __init__(self, lm: LoadedModel, cases: Sequence[CounterFactCase], params: ManyParams, started: float, report):
+        self.lm, self.cases, self.params, self.started, self.report = lm, cases, params, started, report
         self.sample = list(cases[: params.curve_fluency_cases])
         self.points: list[CurvePoint] = []
 
@@ -171,6 +171,8 @@ class _Curve:
             seconds=time.perf_counter() - self.started,
         )
         self.points.append(point)
+        if self.report:
+            self.report(point)
         return point
 
 
@@ -179,16 +181,18 @@ def edit_many(
     cases: Sequence[CounterFactCase],
     params: ManyParams | None = None,
     progress: Progress | None = None,
+    on_point: Callable[[CurvePoint], None] | None = None,
 ) -> tuple[ManyResult, list[Edit]]:
     """Apply every case's edit with `params.method` (see the module docstring), measure, put the model back.
-    Cases the model cannot be edited for (e.g. it already answers the new object) are skipped and listed."""
+    Cases the model cannot be edited for (e.g. it already answers the new object) are skipped and listed.
+    `on_point` is called with each curve point as soon as it is measured."""
     params = params or ManyParams()
     params.check()
     if not cases:
         raise UserError("there are no cases to edit")
     started = time.perf_counter()
     flu_unedited = fluency(lm, cases, params.fluency_tokens, params.seed)
-    curve = _Curve(lm, cases, params, started)
+    curve = _Curve(lm, cases, params, started, on_point)
     stack = EditStack(lm)
     applied_cases: list[CounterFactCase] = []
     skipped: list[dict] = []

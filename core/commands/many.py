@@ -9,7 +9,7 @@ from core.commands.common import load, positive_int
 from core.commands.progress import progress_bar
 from core.counterfact import PROJECT_FILE, load_counterfact
 from core.edits import export_edits
-from core.many import METHODS, ManyParams, edit_many
+from core.many import METHODS, CurvePoint, ManyParams, edit_many
 from core.rome import RomeHyperParams
 from core.saving import check_save_folder, save_edited_model
 
@@ -42,19 +42,23 @@ def run(args: argparse.Namespace) -> dict:
         fluency_tokens=max(0, args.fluency_tokens),
     )
     params.rome.check(lm)
+    header = f"{'edits':>6} {'ES':>6} {'PS':>6} {'NS':>6} {'fluency':>8} {'norm':>8} {'s':>6}"
+    print(header, flush=True)
+
+    def show(p: CurvePoint) -> None:
+        flu = "-" if p.fluency is None else f"{p.fluency:.3f}"
+        print(
+            f"{p.edits:>6} {p.efficacy:>6.3f} {p.paraphrase:>6.3f} {p.neighborhood:>6.3f} {flu:>8} "
+            f"{p.update_norm:>8.2f} {p.seconds:>6.0f}",
+            flush=True,
+        )
+
     with progress_bar(f"edit-many {args.method}") as progress:
-        result, edits = edit_many(lm, cases, params, progress=progress)
+        result, edits = edit_many(lm, cases, params, progress=progress, on_point=show)
     if args.export:
         export_edits(edits, args.export)
     if args.save:
         save_edited_model(lm, edits, args.save)
-    print(f"{'edits':>6} {'ES':>6} {'PS':>6} {'NS':>6} {'fluency':>8} {'norm':>8} {'s':>6}")
-    for p in result.curve:
-        flu = "-" if p.fluency is None else f"{p.fluency:.3f}"
-        print(
-            f"{p.edits:>6} {p.efficacy:>6.3f} {p.paraphrase:>6.3f} {p.neighborhood:>6.3f} {flu:>8} "
-            f"{p.update_norm:>8.2f} {p.seconds:>6.0f}"
-        )
     flu = "-" if result.fluency is None else f"{result.fluency:.3f} (unedited {result.fluency_unedited:.3f})"
     print(
         f"{args.method}: n={result.n} (skipped {result.skipped})  ES {result.efficacy:.3f}  PS {result.paraphrase:.3f}"
