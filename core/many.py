@@ -26,6 +26,7 @@ from core.edits import Edit, EditRequest, EditStack
 from core.errors import UserError
 from core.evaluation import ngram_entropy, target_log_probs
 from core.generation import GenerationSettings, generate
+from core.memit import MemitParams, memit_edits
 from core.models import LoadedModel
 from core.rome import RomeHyperParams, compute_edit
 
@@ -39,6 +40,7 @@ class ManyParams:
     method: str = "rome"
     rome: RomeHyperParams = field(default_factory=RomeHyperParams)
     alphaedit: AlphaEditParams = field(default_factory=AlphaEditParams)
+    memit: MemitParams = field(default_factory=MemitParams)
     curve_every: int = 10  # a curve point after every this many edits (and after the last)
     curve_fluency_cases: int = 10  # fluency at curve points: the generation prompts of the first N cases
     fluency_tokens: int = 40  # tokens sampled per generation prompt (0: no fluency)
@@ -220,10 +222,8 @@ def edit_many(
                     curve.point(applied_cases, i + 1, stack.edits)
                 tick(i + 1, len(cases))
         else:
-            from core.memit import memit_edits
-
             t0 = time.perf_counter()
-            edits, applied_cases, skipped = memit_edits(lm, cases, params, progress=tick)
+            edits, applied_cases, skipped = memit_edits(lm, cases, params.rome, params.memit, progress=tick)
             for edit in edits:
                 stack.apply(edit)
             edit_seconds = time.perf_counter() - t0
