@@ -26,7 +26,7 @@ from core.edits import Edit, EditRequest, EditStack
 from core.errors import UserError
 from core.evaluation import ngram_entropy, target_log_probs
 from core.generation import GenerationSettings, generate
-from core.memit import MemitParams, memit_edits
+from core.memit import MemitParams, memit_batch
 from core.models import LoadedModel
 from core.rome import RomeHyperParams, compute_edit
 
@@ -223,9 +223,11 @@ def edit_many(
                 tick(i + 1, len(cases))
         else:
             t0 = time.perf_counter()
-            edits, applied_cases, skipped = memit_edits(lm, cases, params.rome, params.memit, progress=tick)
-            for edit in edits:
+            batch = memit_batch(lm, [request_of(c) for c in cases], params.rome, params.memit, progress=tick)
+            for edit in batch.edits:
                 stack.apply(edit)
+            applied_cases = [cases[i] for i in batch.kept]
+            skipped = [{"case_id": cases[i].case_id, "reason": why} for i, why in batch.skipped]
             edit_seconds = time.perf_counter() - t0
             curve.point(applied_cases, len(cases), stack.edits)
         final = score_cases(lm, applied_cases).means()

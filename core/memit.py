@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from core.counterfact import CounterFactCase
 from core.covariance import key_statistics
 from core.edits import Edit, EditRequest, EditStack
 from core.errors import UserError
@@ -70,46 +69,53 @@ def key_and_state(
     return torch.stack(keys).mean(0), torch.stack(states).mean(0)
 
 
-def memit_edits(
+@dataclass
+class MemitBatch:
+    edits: list[Edit]  # one per (kept request, layer), layer by layer
+    kept: list[int]  # indices of the requests in the batch
+    requests: list[EditRequest]  # the kept requests, checked (target_true filled in)
+    skipped: list[tuple[int, str]]  # (index, why) of requests that cannot be edited
+
+
+def memit_batch(
     lm: LoadedModel,
-    cases: Sequence[CounterFactCase],
+    requests: Sequence[EditRequest],
     rome: RomeHyperParams | None = None,
     params: MemitParams | None = None,
     progress: Progress | None = None,
-) -> tuple[list[Edit], list[CounterFactCase], list[dict]]:
-    """The batch's rank-one edits (fact x layer), the cases they cover and the skipped ones (with why).
-    The model is left as it was."""
+) -> MemitBatch:
+    """The batch's rank-one edits (see the module docstring); the model is left as it was."""
     rome = rome or RomeHyperParams()
     params = params or MemitParams()
     layers = tuple(sorted(params.layers or default_layers(lm)))
     if not layers or not all(0 <= layer < lm.num_layers for layer in layers):
         raise UserError(f"MEMIT layers {layers} must lie within the model's 0..{lm.num_layers - 1}")
     last = layers[-1]
-    total = len(cases) + len(layers) * len(cases)
+    total = len(requests) + len(layers) * len(requests)
     tick = progress or (lambda done, total: None)
 
     # 1. targets at the last layer, on the unedited model
-    kept, requests, deltas, skipped = [], [], [], []
-    for i, case in enumerate(cases):
-        request = EditRequest(case.prompt, case.subject, case.target_new, case.target_true)
+    kept, checked, deltas, skipped = [], [], [], []
+    for i, request in enumerate(requests):
         try:
             edit = compute_edit(lm, request, replace(rome, layer=last))
         except UserError as err:
-            skipped.append({"case_id": case.case_id, "reason": str(err)})
+            skipped.append((i, str(err)))
         else:
-            kept.append(case)
-            requests.append(edit.request)
+            kept.append(i)
+            checked.append(edit.request)
             deltas.append(edit.v.float() * (edit.u.float() @ edit.key.float()))
         tick(i + 1, total)
     if not kept:
-        return [], [], skipped
+        return MemitBatch([], [], [], skipped)
+    requests = checked
     delta = torch.stack(deltas)  # (n, hidden)
     before = torch.stack([key_and_state(lm, r, last, last, rome)[1] for r in requests])
 
     # 2. layer by layer, on the model carrying the layers below
     stack = EditStack(lm)
     edits: list[Edit] = []
-    done = len(cases)
+    done = len(kept) + len(skipped)
     try:
         for index, layer in enumerate(layers):
             keys, states = [], []
@@ -141,4 +147,4 @@ def memit_edits(
                 edits.append(edit)
     finally:
         stack.undo_all()
-    return edits, kept, skipped
+    return MemitBatch(edits, kept, requests, skipped)
