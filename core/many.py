@@ -28,7 +28,7 @@ from core.evaluation import ngram_entropy, target_log_probs
 from core.generation import GenerationSettings, generate
 from core.memit import MemitParams, memit_batch
 from core.models import LoadedModel
-from core.rome import RomeHyperParams, compute_edit
+from core.rome import RomeHyperParams, compute_edit, validate_request
 
 METHODS = ("rome", "alphaedit", "memit")
 SEQUENTIAL = ("rome", "alphaedit")
@@ -102,6 +102,21 @@ class ManyResult:
 
 def request_of(case: CounterFactCase) -> EditRequest:
     return EditRequest(case.prompt, case.subject, case.target_new, case.target_true)
+
+
+def cases_from_requests(lm: LoadedModel, requests: Sequence[EditRequest]) -> list[CounterFactCase]:
+    """Cases of plain requests (a CSV/JSON table): no paraphrase, neighbourhood or generation prompts, so only
+    efficacy is scored; a missing old object is the model's answer (core.rome.validate_request)."""
+    cases = []
+    for i, request in enumerate(requests):
+        if not request.target_true:
+            request = validate_request(lm, request)
+        cases.append(
+            CounterFactCase(
+                i, request.prompt, request.subject, request.target_new, request.target_true, "", (), (), (), ()
+            )
+        )
+    return cases
 
 
 def score_cases(lm: LoadedModel, cases: Sequence[CounterFactCase]) -> Scores:

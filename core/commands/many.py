@@ -4,19 +4,27 @@ batch), scored over all edits after every k of them; optionally save the edited 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from core.commands.common import load, positive_int
 from core.commands.progress import progress_bar
 from core.counterfact import PROJECT_FILE, load_counterfact
 from core.edits import export_edits
-from core.many import METHODS, CurvePoint, ManyParams, edit_many
+from core.errors import UserError
+from core.jsonfile import read_json
+from core.many import METHODS, CurvePoint, ManyParams, cases_from_requests, edit_many
+from core.requests import read_requests
 from core.rome import RomeHyperParams
 from core.saving import check_save_folder, save_edited_model
 
 
 def register(subparsers, add_common_options) -> None:
     parser = subparsers.add_parser("edit-many", help="many edits on one model: sequential or one batch, measured")
-    parser.add_argument("--data", default=str(PROJECT_FILE), help="CounterFact-format JSON file")
+    parser.add_argument(
+        "--data",
+        default=str(PROJECT_FILE),
+        help="CounterFact-format JSON, or a CSV/JSON table of requests (prompt, subject, target_new[, target_true])",
+    )
     parser.add_argument("--method", choices=METHODS, default="rome", help="memit: one batch; the others sequential")
     parser.add_argument("--limit", type=positive_int, default=None, help="only the first N cases")
     parser.add_argument("--layer", type=int, default=None, help="edit layer of rome/alphaedit (default: the model's)")
@@ -33,8 +41,17 @@ def register(subparsers, add_common_options) -> None:
 def run(args: argparse.Namespace) -> dict:
     if args.save:
         check_save_folder(args.save)
-    cases = load_counterfact(args.data, args.limit)
+    path = Path(args.data)
+    records = None if path.suffix.lower() == ".csv" else read_json(path, "data file")
+    if isinstance(records, list) and records and all(isinstance(r, dict) and "requested_rewrite" in r for r in records):
+        cases, requests = load_counterfact(path, args.limit), None
+    else:  # a table of plain requests
+        if not path.is_file():
+            raise UserError(f"data file {str(path)!r} does not exist")
+        requests = read_requests(path.read_bytes(), path.name)[: args.limit]
     lm = load(args)
+    if requests is not None:
+        cases = cases_from_requests(lm, requests)
     params = ManyParams(
         method=args.method,
         rome=RomeHyperParams(layer=args.layer),
