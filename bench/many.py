@@ -3,6 +3,7 @@
     PYTHONPATH=. python bench/many.py table [--limit N] [--json OUT]          # all three on the project's set
     PYTHONPATH=. python bench/many.py curve --limit 1000 --every 50 [--json OUT]   # ROME vs AlphaEdit, known facts
     PYTHONPATH=. python bench/many.py show A.json B.json ...                  # the table of `edit-many --json` files
+    PYTHONPATH=. python bench/many.py replay EDITS.safetensors --limit N      # re-measure exported edits, all applied
 
 `table` runs `core.many.edit_many` for each method on data/counterfact_project.json (all edits applied, then
 measured). `curve` builds sequential edits from data/known_facts.json (each fact's object replaced by the
@@ -27,8 +28,9 @@ import torch
 
 from core.commands.common import to_jsonable
 from core.counterfact import PROJECT_FILE, CounterFactCase, load_counterfact
+from core.edits import applied, import_edits
 from core.facts import DEFAULT_FACTS, load_facts
-from core.many import ManyParams, edit_many
+from core.many import ManyParams, edit_many, generation_efficacy, score_cases, update_norm
 from core.models import load_model
 from core.prompts import find_subject_chars
 
@@ -103,8 +105,8 @@ def print_curves(results: dict[str, dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("table", "curve", "show"))
-    parser.add_argument("files", nargs="*", help="show: edit-many JSON files")
+    parser.add_argument("mode", choices=("table", "curve", "show", "replay"))
+    parser.add_argument("files", nargs="*", help="show: edit-many JSON files; replay: one exported edits file")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--every", type=int, default=10, help="a curve point after every N edits")
     parser.add_argument("--methods", default=None, help="comma-separated (default: all of the mode)")
@@ -121,6 +123,17 @@ def main() -> None:
         print_curves(results)
         return
     lm = load_model(device="cpu")
+    if args.mode == "replay":
+        cases = load_counterfact(PROJECT_FILE, args.limit)
+        edits = import_edits(args.files[0], lm)
+        edited = {e.request.subject for e in edits}
+        cases = [c for c in cases if c.subject in edited]
+        with applied(lm, edits):
+            scores = score_cases(lm, cases).means()
+            scores["generation_efficacy"] = generation_efficacy(lm, cases)
+        scores.update({"edits": len(edits), "cases": len(cases), "update_norm": update_norm(edits)})
+        print(json.dumps(scores, indent=1))
+        return
     if args.mode == "table":
         cases = load_counterfact(PROJECT_FILE, args.limit)
         methods = (args.methods or "rome,alphaedit,memit").split(",")

@@ -13,6 +13,7 @@ The model is left as it was (bitwise); the edits come back in the result, ready 
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,7 @@ from core.rome import RomeHyperParams, compute_edit, validate_request
 
 METHODS = ("rome", "alphaedit", "memit")
 SEQUENTIAL = ("rome", "alphaedit")
+TEXT_TOKENS = 20  # greedy new tokens per continuation for generation efficacy (DESIGN.md)
 Progress = Callable[[int, int], None]
 
 
@@ -44,6 +46,7 @@ class ManyParams:
     curve_every: int = 10  # a curve point after every this many edits (and after the last)
     curve_fluency_cases: int = 10  # fluency at curve points: the generation prompts of the first N cases
     fluency_tokens: int = 40  # tokens sampled per generation prompt (0: no fluency)
+    text_scores: bool = True  # generation efficacy (greedy continuations) at every curve point and at the end
     seed: int = 0
 
     def check(self) -> None:
@@ -156,6 +159,26 @@ def fluency(lm: LoadedModel, cases: Sequence[CounterFactCase], tokens: int, seed
     return float(np.mean([ngram_entropy(t) for t in texts]))
 
 
+def generation_efficacy(lm: LoadedModel, cases: Sequence[CounterFactCase]) -> float:
+    """Share of greedy continuations of every case's generation and paraphrase prompts that name its new
+    object (core.evaluation's text-level score), mean per case then over cases; one batched generation."""
+    prompts, owners = [], []
+    for i, case in enumerate(cases):
+        for prompt in (*case.generation_prompts, *case.paraphrase_prompts):
+            prompts.append(prompt)
+            owners.append(i)
+    if not prompts:
+        return math.nan
+    settings = GenerationSettings(max_new_tokens=TEXT_TOKENS)
+    texts = [t for first in range(0, len(prompts), 64) for t in generate(lm, prompts[first : first + 64], settings)]
+    per_case: dict[int, list[bool]] = {}
+    for i, prompt, text in zip(owners, prompts, texts):
+        text = text[len(prompt) :]  # the continuation only
+        named = re.search(r"(?<!\w)" + re.escape(cases[i].target_new.strip()) + r"(?!\w)", text, flags=re.IGNORECASE)
+        per_case.setdefault(i, []).append(named is not None)
+    return float(np.mean([np.mean(v) for v in per_case.values()]))
+
+
 def update_norm(edits: Sequence[Edit]) -> float:
     """Frobenius norm of the summed change of every edited matrix."""
     total: dict[int, torch.Tensor] = {}
@@ -175,6 +198,7 @@ class _Curve:
 
     def point(self, applied_cases: Sequence[CounterFactCase], seen: int, edits: Sequence[Edit]) -> CurvePoint:
         means = score_cases(self.lm, applied_cases).means()
+        gen = generation_efficacy(self.lm, applied_cases) if self.params.text_scores else math.nan
         flu = fluency(self.lm, self.sample, self.params.fluency_tokens, self.params.seed)
         point = CurvePoint(
             edits=len(edits),
@@ -182,7 +206,7 @@ class _Curve:
             efficacy=means["efficacy"],
             paraphrase=means["paraphrase"],
             neighborhood=means["neighborhood"],
-            generation_efficacy=None,
+            generation_efficacy=None if math.isnan(gen) else gen,
             fluency=None if math.isnan(flu) else flu,
             update_norm=update_norm(edits),
             seconds=time.perf_counter() - self.started,
@@ -246,6 +270,7 @@ def edit_many(
             edit_seconds = time.perf_counter() - t0
             curve.point(applied_cases, len(cases), stack.edits)
         final = score_cases(lm, applied_cases).means()
+        gen = generation_efficacy(lm, applied_cases) if params.text_scores else math.nan
         flu = fluency(lm, cases, params.fluency_tokens, params.seed)
         edits = list(stack.edits)
     finally:
@@ -257,7 +282,7 @@ def edit_many(
         efficacy=final["efficacy"],
         paraphrase=final["paraphrase"],
         neighborhood=final["neighborhood"],
-        generation_efficacy=None,
+        generation_efficacy=None if math.isnan(gen) else gen,
         fluency=None if math.isnan(flu) else flu,
         fluency_unedited=None if math.isnan(flu_unedited) else flu_unedited,
         update_norm=update_norm(edits),

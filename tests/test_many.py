@@ -102,6 +102,8 @@ def test_edit_many_on_tiny_models(tiny, cases, method):
     for value in (result.efficacy, result.paraphrase, result.neighborhood):
         assert 0.0 <= value <= 1.0
     assert result.fluency is not None and result.fluency_unedited is not None
+    assert 0.0 <= result.generation_efficacy <= 1.0
+    assert all(p.generation_efficacy is not None for p in result.curve)
 
 
 def test_memit_update_is_the_least_squares_solution(tiny, cases):
@@ -132,6 +134,13 @@ def test_edit_many_command(tiny, tmp_path, capsys):
     assert result["method"] == "alphaedit" and len(result["curve"]) == 2
     assert {"efficacy", "neighborhood", "fluency", "update_norm"} <= set(result["curve"][0])
     assert AutoModelForCausalLM.from_pretrained(saved) is not None and (saved / "README.md").is_file()
+    table = tmp_path / "facts.csv"
+    table.write_text("prompt,subject,target_new\n{} is located in the city of,The Eiffel Tower,Rome\n")
+    out = tmp_path / "memit.json"
+    code = main(["edit-many", "--data", str(table), "--method", "memit", "--model", str(folder), "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert result["method"] == "memit" and result["n"] + result["skipped"] == 1 and result["layers"] in ([], [0, 1])
     code = main(["edit-many", "--data", str(data), "--method", "nope"])
     assert code != 0
     code = main([*args, "--save", str(saved)])  # the folder is taken: refused before any work

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from core.alphaedit import AlphaEditParams
 from core.commands.common import load, positive_int
 from core.commands.progress import progress_bar
 from core.counterfact import PROJECT_FILE, load_counterfact
@@ -32,6 +33,8 @@ def register(subparsers, add_common_options) -> None:
     parser.add_argument(
         "--fluency-tokens", type=int, default=40, help="tokens sampled per generation prompt (0: no fluency)"
     )
+    parser.add_argument("--null-threshold", type=float, default=AlphaEditParams.null_threshold, help="alphaedit")
+    parser.add_argument("--l2", type=float, default=AlphaEditParams.l2, help="alphaedit: weight of ||Delta P||^2")
     parser.add_argument("--save", metavar="DIR", help="save the edited model as a Hugging Face folder")
     parser.add_argument("--export", metavar="FILE", help="write the edits (safetensors + JSON metadata)")
     add_common_options(parser)
@@ -55,17 +58,19 @@ def run(args: argparse.Namespace) -> dict:
     params = ManyParams(
         method=args.method,
         rome=RomeHyperParams(layer=args.layer),
+        alphaedit=AlphaEditParams(null_threshold=args.null_threshold, l2=args.l2),
         curve_every=args.curve_every,
         fluency_tokens=max(0, args.fluency_tokens),
     )
     params.rome.check(lm)
-    header = f"{'edits':>6} {'ES':>6} {'PS':>6} {'NS':>6} {'fluency':>8} {'norm':>8} {'s':>6}"
+    header = f"{'edits':>6} {'ES':>6} {'PS':>6} {'NS':>6} {'GE':>6} {'fluency':>8} {'norm':>8} {'s':>6}"
     print(header, flush=True)
 
     def show(p: CurvePoint) -> None:
         flu = "-" if p.fluency is None else f"{p.fluency:.3f}"
+        gen = "-" if p.generation_efficacy is None else f"{p.generation_efficacy:.3f}"
         print(
-            f"{p.edits:>6} {p.efficacy:>6.3f} {p.paraphrase:>6.3f} {p.neighborhood:>6.3f} {flu:>8} "
+            f"{p.edits:>6} {p.efficacy:>6.3f} {p.paraphrase:>6.3f} {p.neighborhood:>6.3f} {gen:>6} {flu:>8} "
             f"{p.update_norm:>8.2f} {p.seconds:>6.0f}",
             flush=True,
         )
@@ -79,7 +84,7 @@ def run(args: argparse.Namespace) -> dict:
     flu = "-" if result.fluency is None else f"{result.fluency:.3f} (unedited {result.fluency_unedited:.3f})"
     print(
         f"{args.method}: n={result.n} (skipped {result.skipped})  ES {result.efficacy:.3f}  PS {result.paraphrase:.3f}"
-        f"  NS {result.neighborhood:.3f}  fluency {flu}  ({result.seconds:.0f} s)"
+        f"  NS {result.neighborhood:.3f}  GE {result.generation_efficacy}  fluency {flu}  ({result.seconds:.0f} s)"
     )
     if args.save:
         print(f"edited model saved to {args.save}")
