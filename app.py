@@ -58,7 +58,6 @@ with right:
 
 with left:
     # torch and transformers load here, after the static text above is already on the screen
-    from core.errors import UserError
     from core.models import EMBEDDED_MODEL
     from ui.common import MODEL_KEY, load, model_name, show_error
 
@@ -76,13 +75,13 @@ with left:
             with st.spinner(f"Loading {name.strip()} …"):
                 load(name)
             st.session_state[MODEL_KEY] = name.strip()
-        except UserError as err:
-            show_error(err)
+        except Exception as err:  # the page's error boundary: one message, details in the log
+            show_error(err, "loading the model")
     try:
         lm = load(model_name())
-    except UserError as err:
+    except Exception as err:
         lm = None
-        show_error(err)
+        show_error(err, "loading the model")
     if lm is not None:
         card = lm.card()
         st.markdown(f"#### `{card['name']}`")

@@ -1,8 +1,10 @@
-"""ROME benchmark: edit latency (statistics cached and not), peak memory, and the CounterFact table for
-none / ft / rome on the project's set; optional side-by-side measurements of the design choices.
+"""ROME benchmark: edit latency (statistics cached and not), peak memory, and the CounterFact table (ES, PS,
+NS, generation efficacy / bleed / keeps-true from the greedy texts, fluency) for none / ft / rome / paper on the
+project's set, side by side; `paper` is the published ROME code's settings (core.rome.PAPER) on the same model
+and cases. Ablations of the project's settings (one change each) are further runs by name.
 
-    PYTHONPATH=. python bench/edit.py [--limit N] [--threads 2]
-    PYTHONPATH=. python bench/edit.py --limit 20 --compare-keys --compare-covariance
+    PYTHONPATH=. python bench/edit.py --no-latency --runs none,ft,rome,paper      # the table, all 94 cases
+    PYTHONPATH=. python bench/edit.py --no-latency --runs rome,ctx10+10,stop-nll --every 3   # ablations
     PYTHONPATH=. python bench/edit.py --measure-layer 20
 
 Times are wall-clock and CPU (process) seconds: on a shared machine the CPU seconds with --threads 1 are
@@ -19,7 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,10 +33,11 @@ import torch
 from core.commands.common import to_jsonable, write_json
 from core.counterfact import PROJECT_FILE, load_counterfact
 from core.covariance import DEFAULT_TOKENS, key_statistics
+from core.edit_site import default_layer, measure_layer
 from core.edits import EditRequest
 from core.evaluation import FTHyperParams, evaluate_case, summarise
 from core.models import load_model
-from core.rome import RomeHyperParams, compute_edit, default_layer, measure_layer
+from core.rome import PAPER, RomeHyperParams, compute_edit
 
 REQUESTS = [
     EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome"),
@@ -52,7 +55,6 @@ def uncached_statistics(lm, layer: int, hp: RomeHyperParams) -> None:
     saved = os.environ.get("ROME_STUDIO_CACHE")
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["ROME_STUDIO_CACHE"] = tmp
-        lm.extra.pop("key_statistics", None)
         try:
             wall, cpu = time.perf_counter(), time.process_time()
             stats = key_statistics(lm, layer, hp.stats_corpus, hp.stats_tokens)
@@ -66,14 +68,12 @@ def uncached_statistics(lm, layer: int, hp: RomeHyperParams) -> None:
                 os.environ.pop("ROME_STUDIO_CACHE")
             else:
                 os.environ["ROME_STUDIO_CACHE"] = saved
-            lm.extra.pop("key_statistics", None)
 
 
 def latency(lm, hp: RomeHyperParams, uncached: bool = True) -> None:
     layer = default_layer(lm) if hp.layer is None else hp.layer
     if uncached:
         uncached_statistics(lm, layer, hp)
-    lm.extra.pop("key_statistics", None)
     key_statistics(lm, layer, hp.stats_corpus, hp.stats_tokens)  # the real cache (computed once if missing)
     compute_edit(lm, REQUESTS[0], hp)  # warm-up: context texts, allocator
     rows = []
@@ -93,6 +93,27 @@ def latency(lm, hp: RomeHyperParams, uncached: bool = True) -> None:
         f"edit, statistics cached: median {statistics.median(table['wall s']):.2f} s wall, "
         f"{statistics.median(table['cpu s']):.2f} s CPU; peak RSS so far {peak_rss_mib():.0f} MiB"
     )
+
+
+def ablations(base: RomeHyperParams) -> dict[str, RomeHyperParams]:
+    """Named one-change variants of the project's settings (and the paper's settings as `paper`)."""
+    return {
+        "paper": replace(PAPER, layer=base.layer, stats_tokens=base.stats_tokens),
+        "ctx5+5": replace(base, context_lengths=((5, 5), (10, 5))),
+        "ctx10+10": replace(base, context_lengths=((5, 10), (10, 10))),
+        "stop-nll": replace(base, early_stop="nll"),
+        "stop-loss": replace(base, early_stop="loss"),
+        "stop-none": replace(base, early_stop="none"),
+        "solve-mean": replace(base, solve_at="mean"),
+        "solve-plain": replace(base, solve_at="plain"),
+        "layer3": replace(base, layer=3),
+        "layer4": replace(base, layer=4),
+        "kl0": replace(base, kl_factor=0.0),
+        "kl0.25": replace(base, kl_factor=0.25),
+        "clamp2": replace(base, clamp_norm_factor=2.0),
+        "clamp10": replace(base, clamp_norm_factor=10.0),
+        "identity-C": replace(base, stats_corpus="identity"),
+    }
 
 
 def table(
@@ -119,16 +140,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(PROJECT_FILE))
     parser.add_argument("--limit", type=int, default=None, help="first N cases of the evaluation set")
+    parser.add_argument("--every", type=int, default=1, help="every K-th case (a spread subset for ablations)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--layer", type=int, default=None)
     parser.add_argument("--stats-tokens", type=int, default=DEFAULT_TOKENS)
     parser.add_argument("--fluency-tokens", type=int, default=40)
-    parser.add_argument("--methods", default="none,ft,rome")
+    parser.add_argument(
+        "--runs", default="none,ft,rome,paper", help="comma-separated: none, ft, rome, or an ablation name (see --list)"
+    )
+    parser.add_argument("--list", action="store_true", help="list the ablation names and exit")
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--json", dest="json_out", help="write every run's full result (per case) here")
     parser.add_argument("--cached-only", action="store_true", help="latency: skip computing statistics from scratch")
-    parser.add_argument("--compare-keys", action="store_true", help="rome with key token last vs strongest")
-    parser.add_argument("--compare-covariance", action="store_true", help="rome with generated vs identity C")
     parser.add_argument(
         "--measure-layer",
         type=int,
@@ -148,29 +171,25 @@ def main() -> None:
         print(f"peak layer: {layer}")
         return
     hp = RomeHyperParams(layer=args.layer, stats_tokens=args.stats_tokens)
+    if args.list:
+        for name, variant in ablations(hp).items():
+            print(name, variant)
+        return
     if not args.no_latency:
         latency(lm, hp, uncached=not args.cached_only)
-    cases = load_counterfact(args.data, args.limit)
+    cases = load_counterfact(args.data, args.limit)[:: args.every]
     print(
         f"evaluation set {args.data}: {len(cases)} cases, layer {default_layer(lm) if hp.layer is None else hp.layer}"
     )
-    runs = [(m, m, hp) for m in args.methods.split(",") if m and m != "-"]
-    if args.compare_keys:
-        runs.append(
-            (
-                "rome key=strongest",
-                "rome",
-                RomeHyperParams(layer=args.layer, stats_tokens=args.stats_tokens, key_token="strongest"),
-            )
-        )
-    if args.compare_covariance:
-        runs.append(
-            (
-                "rome C=identity",
-                "rome",
-                RomeHyperParams(layer=args.layer, stats_tokens=args.stats_tokens, stats_corpus="identity"),
-            )
-        )
+    variants = ablations(hp)
+    runs = []
+    for name in (n for n in args.runs.split(",") if n and n != "-"):
+        if name in ("none", "ft", "rome"):
+            runs.append((name, name, hp))
+        elif name in variants:
+            runs.append((name, "rome", variants[name]))
+        else:
+            parser.error(f"unknown run {name!r}: use none, ft, rome or one of {', '.join(variants)}")
     result = table(lm, cases, runs, args.fluency_tokens, args.json_out)
     print()
     print(result.to_string(index=False, float_format=lambda x: f"{x:.3f}"))

@@ -7,13 +7,18 @@ the fact's low score) over six token categories, as the paper's notebook groups 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from core.budget import TraceCost, check_trace
+from core.errors import UserError
 from core.facts import Fact, predict
 from core.models import LoadedModel
+from core.progress import Progress, Step
+from core.prompts import token_categories, tokenize
 from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS, TraceResult, trace
 
 CATEGORIES = (
@@ -24,21 +29,6 @@ CATEGORIES = (
     "further tokens",
     "last token",
 )
-
-
-def category_rows(subject_range: tuple[int, int], num_tokens: int) -> list[list[int]]:
-    """Token positions of each category (a position may serve two categories, as in the paper)."""
-    first_subject, first_after = subject_range
-    last_subject, last = first_after - 1, num_tokens - 1
-    rows = [
-        [first_subject],
-        list(range(first_subject + 1, last_subject)),
-        [last_subject],
-        [first_after],
-        list(range(first_after + 1, last)),
-        [last],
-    ]
-    return [[r for r in category if r < num_tokens] for category in rows]
 
 
 @dataclass
@@ -90,6 +80,28 @@ class AIEResult:
         return CATEGORIES[c], int(layer), float(table[c, layer])
 
 
+def fact_cost(lm: LoadedModel, fact: Fact, samples: int, kinds: int) -> TraceCost:
+    """The cost of tracing `fact` (core.budget), or a UserError naming it when it is over a cap."""
+    prompt = tokenize(lm.tokenizer, fact.prompt, fact.subject)
+    try:
+        return check_trace(lm, len(prompt.input_ids), prompt.subject_range[0], samples, kinds)
+    except UserError as err:
+        raise UserError(f"the fact {fact.prompt!r}: {err}") from None
+
+
+def aie_cost(lm: LoadedModel, facts: Sequence[Fact], limit: int | None, samples: int, kinds: int) -> TraceCost:
+    """The estimate of tracing `limit` facts, taking the first ones as if the model knew each of them."""
+    chosen = facts[: len(facts) if limit is None else limit]
+    costs = [fact_cost(lm, fact, samples, kinds) for fact in chosen]
+    return TraceCost(
+        tokens=max(c.tokens for c in costs),
+        kinds=kinds,
+        block_positions=sum(c.block_positions for c in costs),
+        memory_bytes=max(c.memory_bytes for c in costs),
+        seconds=sum(c.seconds for c in costs),
+    )
+
+
 def average_indirect_effect(
     lm: LoadedModel,
     facts: Sequence[Fact],
@@ -99,10 +111,14 @@ def average_indirect_effect(
     samples: int = DEFAULT_SAMPLES,
     noise: float | None = None,
     window: int = DEFAULT_WINDOW,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     keep_traces: bool = False,
+    step: Step = nullcontext,
 ) -> AIEResult:
-    """Trace up to `limit` facts that the model predicts (the others are counted as skipped)."""
+    """Trace up to `limit` facts that the model predicts (the others are counted as skipped).
+
+    Each fact's work (its prediction and its trace) runs inside `step()`: the app passes its session's edits
+    applied under the model's lock (core.edits.applied), so the lock is taken per fact, not for the whole run."""
     started = time.perf_counter()
     means = {kind: [_Mean() for _ in CATEGORIES] for kind in kinds}
     target = len(facts) if limit is None else min(limit, len(facts))
@@ -110,13 +126,17 @@ def average_indirect_effect(
     for fact in facts:
         if used >= target:
             break
-        if not predict(lm, fact).known:
+        with step():
+            known = predict(lm, fact).known
+            if known:
+                fact_cost(lm, fact, samples, len(kinds))  # over a cap: one clear error, before its trace
+                result = trace(lm, fact.prompt, fact.subject, kinds=kinds, samples=samples, noise=noise, window=window)
+        if not known:
             skipped += 1
             continue
-        result = trace(lm, fact.prompt, fact.subject, kinds=kinds, samples=samples, noise=noise, window=window)
         for kind in kinds:
             effect = result.indirect_effect(kind)
-            for mean, rows in zip(means[kind], category_rows(result.subject_range, len(result.tokens))):
+            for mean, rows in zip(means[kind], token_categories(result.subject_range, len(result.tokens))):
                 mean.add(effect[rows])
         highs.append(result.high_score)
         lows.append(result.low_score)

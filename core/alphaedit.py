@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from core.covariance import key_statistics
+from core.edit_site import default_layer
 from core.edits import Edit, EditRequest
 from core.models import LoadedModel
-from core.rome import RomeHyperParams, compute_edit, default_layer
+from core.rome import RomeHyperParams, compute_edit
 
 
 @dataclass(frozen=True)

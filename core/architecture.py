@@ -33,12 +33,6 @@ class Architecture:
     rotary: str | None  # model-level rotary embedding module (called with (hidden, position_ids)), if any
     cache_kwarg: str  # the keyword a block takes its key/value cache under
 
-    def module(self, model: nn.Module, path: str) -> nn.Module:
-        return model.get_submodule(path)
-
-    def block_names(self, model: nn.Module) -> list[str]:
-        return [f"{self.blocks}.{i}" for i in range(len(model.get_submodule(self.blocks)))]
-
     def layer_name(self, model: nn.Module, layer: int, kind: str = "hidden") -> str:
         """Dotted name of the module whose output is the `kind` state of `layer` (hidden = the block)."""
         base = f"{self.blocks}.{layer}"

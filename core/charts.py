@@ -21,7 +21,6 @@ import pandas as pd
 
 KIND_LABELS = {"hidden": "single hidden state", "mlp": "MLP output", "attn": "attention output"}
 KIND_SCHEMES = {"hidden": "purples", "mlp": "greens", "attn": "reds"}
-KIND_COLOURS = {"hidden": "#6a51a3", "mlp": "#238b45", "attn": "#cb181d"}
 CATEGORY_COLOURS = ["#1f77b4", "#9467bd", "#d62728", "#2ca02c", "#8c564b", "#ff7f0e"]
 ROW_HEIGHT = 20  # pixels per token row
 

@@ -57,6 +57,7 @@ def _text(record: dict, path: str, where: str) -> str:
 
 
 def _texts(record: dict, name: str, where: str, required: bool = True) -> tuple[str, ...]:
+    """A list of non-empty texts; a `required` list must hold at least one (its score is a mean over it)."""
     if name not in record:
         if required:
             raise UserError(f"{where} lacks the field {name!r}")
@@ -64,6 +65,8 @@ def _texts(record: dict, name: str, where: str, required: bool = True) -> tuple[
     value = record[name]
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
         raise UserError(f"{where} has a {name!r} that is not a list of non-empty texts")
+    if required and not value:
+        raise UserError(f"{where} has an empty {name!r}: give at least one prompt")
     return tuple(value)
 
 

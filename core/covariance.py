@@ -1,7 +1,11 @@
 """Key statistics for ROME: C = E[k k^T] of the keys (inputs of the MLP output projection) at one layer.
 
-Computed once per (model, layer, corpus, size) and cached as safetensors under
-`core.models.cache_dir() / "stats"`; the corpus is cached there too.
+Computed once per (model, weights, layer, corpus, size) and cached as safetensors under
+`core.models.cache_dir() / "stats" / <model>-<weights fingerprint>`; the corpus is cached there too. Every
+cache file carries a hash of its tensors: a damaged one (truncated, wrong shape, bit rot) is deleted on load
+and computed again. Always computed on the model's unedited weights (`core.edits.unedited`, taken per batch),
+and keyed by their fingerprint: statistics asked for in a session that holds an edit equal, bitwise, those
+computed without it, so the cache never carries an edit.
 
 Corpora:
 - `generated` (default, offline): text the model samples itself from its start-of-text token, seeded.
@@ -17,24 +21,26 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
+from core.edits import unedited
 from core.errors import UserError
 from core.generation import cache_of
-from core.models import LoadedModel, cache_dir
+from core.models import LoadedModel, cache_dir, weights_fingerprint
+from core.progress import Progress, Step, within
 
 CORPORA = ("generated", "wikitext", "identity")
 DEFAULT_CORPUS = "generated"
 DEFAULT_TOKENS = 16_384  # keys per statistic: >10x the embedded model's key size (1536); measured 142 s CPU (1 thread)
+MAX_STATS_TOKENS = 8 * DEFAULT_TOKENS  # a shared server's cap: ~20 min of CPU for the embedded model
 SEQUENCE_LENGTH = 128
 GENERATION_SEED = 1234
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -49,17 +55,12 @@ class KeyStatistics:
     seconds: float  # time spent computing it now (0 when read from the cache)
     cached: bool
 
-    def covariance(self) -> torch.Tensor:
-        return self.mom2
-
 
 def _model_slug(lm: LoadedModel) -> str:
+    """The model's name and its weights' fingerprint: statistics of other weights are never served."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", lm.name).strip("_") or "model"
-    if lm.source in ("memory", "random"):  # in-memory models: tell apart by their weights, not only the name
-        w = lm.model.get_submodule(lm.arch.embed).weight
-        digest = hashlib.sha1(w.detach().float().cpu().numpy().tobytes()[:65536]).hexdigest()[:10]
-        slug = f"{slug}-{digest}"
-    return slug
+    with unedited(lm):  # the weights before any edit: an edited session shares the unedited statistics
+        return f"{slug}-{weights_fingerprint(lm)[:12]}"
 
 
 def stats_folder(lm: LoadedModel) -> Path:
@@ -75,6 +76,11 @@ def _check(corpus: str, tokens: int) -> None:
         raise UserError(f"unknown corpus {corpus!r}: use one of {', '.join(CORPORA)}")
     if tokens < 1:
         raise UserError(f"the statistics need at least 1 token (got {tokens})")
+    if tokens > MAX_STATS_TOKENS:
+        raise UserError(
+            f"{tokens:,} tokens of statistics is over the cap of {MAX_STATS_TOKENS:,} (time grows with the tokens; "
+            f"the default {DEFAULT_TOKENS:,} is enough for a key size of a few thousand)"
+        )
 
 
 # --- corpora -----------------------------------------------------------------------------------------------
@@ -88,14 +94,17 @@ def _start_token(lm: LoadedModel) -> int:
     return 0
 
 
-def generated_corpus(lm: LoadedModel, tokens: int, progress: Progress | None = None) -> torch.Tensor:
+def generated_corpus(
+    lm: LoadedModel, tokens: int, progress: Progress | None = None, step: Step = nullcontext
+) -> torch.Tensor:
     """(sequences, SEQUENCE_LENGTH) token ids the model samples itself (seeded, plain sampling at T=1),
-    cached on disk so every layer's statistics see the same text."""
+    cached on disk so every layer's statistics see the same text. Each batch runs inside `step()`."""
     length = min(SEQUENCE_LENGTH, tokens)
     sequences = -(-tokens // length)
     path = stats_folder(lm) / f"corpus_generated_{sequences}x{length}_seed{GENERATION_SEED}.safetensors"
-    if path.exists():
-        return safetensors.torch.load_file(str(path))["input_ids"]
+    stored = _load(path, {"input_ids": (sequences, length)})
+    if stored is not None:
+        return stored["input_ids"]
     batch = 64
     start = _start_token(lm)
     out = []
@@ -104,7 +113,8 @@ def generated_corpus(lm: LoadedModel, tokens: int, progress: Progress | None = N
         for first in range(0, sequences, batch):
             rows = min(batch, sequences - first)
             ids = torch.full((rows, 1), start, dtype=torch.long, device=lm.device)
-            out.append(_sample(lm, ids, length, progress, done_before=first * length, total=sequences * length))
+            with step():
+                out.append(_sample(lm, ids, length, progress, done_before=first * length, total=sequences * length))
     corpus = torch.cat(out)[:, :length].contiguous().cpu()
     _save(path, {"input_ids": corpus}, {"corpus": "generated", "seed": str(GENERATION_SEED)})
     return corpus
@@ -156,11 +166,37 @@ def wikitext_corpus(lm: LoadedModel, tokens: int) -> torch.Tensor:
 # --- statistics --------------------------------------------------------------------------------------------
 
 
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode() + b"\0" + tensors[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".partial-{time.time_ns()}")
-    safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+    safetensors.torch.save_file(tensors, str(tmp), metadata={**metadata, "sha256": _digest(tensors)})
     tmp.replace(path)  # atomic: a cache file is never half-written
+
+
+def _load(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor] | None:
+    """A cache file's tensors when it is whole: it opens, holds each name with its shape, and its tensors
+    hash to the digest written with them. A damaged file is deleted (None: compute it again)."""
+    if not path.exists():
+        return None
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            written = (f.metadata() or {}).get("sha256")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        if set(tensors) != set(shapes) or any(tuple(tensors[n].shape) != s for n, s in shapes.items()):
+            raise ValueError("unexpected tensors")
+        if written != _digest(tensors):
+            raise ValueError("hash mismatch")
+        return tensors
+    except Exception:  # truncated, not safetensors, wrong content: recompute
+        path.unlink(missing_ok=True)
+        return None
 
 
 class _Stop(Exception):
@@ -189,7 +225,7 @@ def layer_keys(lm: LoadedModel, layer: int, input_ids: torch.Tensor) -> torch.Te
 
 
 def _key_second_moment(
-    lm: LoadedModel, layer: int, corpus: torch.Tensor, tokens: int, progress
+    lm: LoadedModel, layer: int, corpus: torch.Tensor, tokens: int, progress, step: Step = nullcontext
 ) -> tuple[torch.Tensor, int]:
     """Mean of k k^T over the first `tokens` positions of the corpus (accumulated in float64)."""
     size = lm.arch.mlp_out_weight(lm.model, layer).shape[1]
@@ -197,7 +233,8 @@ def _key_second_moment(
     count, batch = 0, 16
     rows_needed = corpus[: -(-tokens // corpus.shape[1])]
     for first in range(0, rows_needed.shape[0], batch):
-        keys = layer_keys(lm, layer, rows_needed[first : first + batch]).reshape(-1, size).double()
+        with step():
+            keys = layer_keys(lm, layer, rows_needed[first : first + batch]).reshape(-1, size).double()
         keys = keys[: tokens - count]
         mom2 += keys.T @ keys
         count += keys.shape[0]
@@ -212,8 +249,10 @@ def key_statistics(
     corpus: str = DEFAULT_CORPUS,
     tokens: int = DEFAULT_TOKENS,
     progress: Progress | None = None,
+    step: Step = nullcontext,
 ) -> KeyStatistics:
-    """E[k k^T] at `layer` over `tokens` corpus positions, from the disk cache when present."""
+    """E[k k^T] at `layer` over `tokens` corpus positions, from the disk cache when present. Each batch of
+    model work runs inside `step()` (the app: the model's lock, taken per batch, not for the whole run)."""
     _check(corpus, tokens)
     if not 0 <= layer < lm.num_layers:
         raise UserError(f"layer {layer} is outside the model's {lm.num_layers} layers")
@@ -221,36 +260,31 @@ def key_statistics(
     if corpus == "identity":
         eye = torch.eye(size, device=lm.device)
         return KeyStatistics(layer, corpus, 0, eye, 0, 0.0, cached=True)
-    memo = lm.extra.setdefault("key_statistics", {})
-    key = (layer, corpus, tokens)
-    if key in memo:
-        return memo[key]
     path = stats_path(lm, layer, corpus, tokens)
-    if path.exists():
-        loaded = safetensors.torch.load_file(str(path), device=str(lm.device))
-        stats = KeyStatistics(layer, corpus, tokens, loaded["mom2"], int(loaded["count"]), 0.0, cached=True)
-        memo[key] = stats
-        return stats
+    loaded = _load(path, {"mom2": (size, size), "count": ()})
+    if loaded is not None:
+        mom2 = loaded["mom2"].to(lm.device)
+        return KeyStatistics(layer, corpus, tokens, mom2, int(loaded["count"]), 0.0, cached=True)
     start = time.perf_counter()
     # progress: the first half is making the corpus (when not cached), the second the keys
     half = (lambda done, total: progress(done, 2 * total)) if progress else None
-    second = (lambda done, total: progress(total + done, 2 * total)) if progress else None
-    text = generated_corpus(lm, tokens, half) if corpus == "generated" else wikitext_corpus(lm, tokens)
-    mom2, count = _key_second_moment(lm, layer, text, tokens, second)
+    second = within(progress, tokens, 2 * tokens)
+
+    @contextmanager
+    def clean_step() -> Iterator[None]:  # each batch: the caller's step (the lock), on the unedited weights
+        with step(), unedited(lm):
+            yield
+
+    text = generated_corpus(lm, tokens, half, clean_step) if corpus == "generated" else wikitext_corpus(lm, tokens)
+    mom2, count = _key_second_moment(lm, layer, text, tokens, second, clean_step)
     _save(
         path,
         {"mom2": mom2.cpu().contiguous(), "count": torch.tensor(count)},
         {"model": lm.name, "layer": str(layer), "corpus": corpus, "tokens": str(tokens)},
     )
-    stats = KeyStatistics(layer, corpus, tokens, mom2, count, time.perf_counter() - start, cached=False)
-    memo[key] = stats
-    return stats
+    return KeyStatistics(layer, corpus, tokens, mom2, count, time.perf_counter() - start, cached=False)
 
 
 def statistics_cached(lm: LoadedModel, layer: int, corpus: str = DEFAULT_CORPUS, tokens: int = DEFAULT_TOKENS) -> bool:
     """Whether `key_statistics` would return at once (no corpus pass)."""
-    return (
-        corpus == "identity"
-        or (layer, corpus, tokens) in lm.extra.get("key_statistics", {})
-        or stats_path(lm, layer, corpus, tokens).exists()
-    )
+    return corpus == "identity" or stats_path(lm, layer, corpus, tokens).exists()

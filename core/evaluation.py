@@ -6,6 +6,12 @@
   P(true) > P(new) still holds; magnitude mean P(true) - P(new).
 - Score S: harmonic mean of ES, PS, NS. P of a multi-token target: exp(mean token log-prob).
 - Fluency: weighted bi/tri-gram entropy of generated text (weights 2/3, 4/3, averaged), as the paper's code.
+- What a user reads (teacher-forced scores overstate it, "The Mirage of Model Editing", arXiv 2502.11177):
+  the greedy continuation (20 new tokens) of every generation and paraphrase prompt after the edit.
+  Generation efficacy: share that name the new object (whole word, case-insensitive); generation bleed: share
+  of neighbourhood prompts whose continuation names the new object after the edit but not before; generation
+  keeps-true: share of the generation and paraphrase continuations that still name the true object. The
+  texts are kept per case.
 
 Methods: `none` (unedited), `rome` (core/rome.py), `ft` (FT-L: fine-tune the same layer's MLP output
 projection on the rewrite prompt, every entry kept within +-norm_constraint of its original value).
@@ -16,8 +22,9 @@ from __future__ import annotations
 import math
 import re
 import time
+import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -25,14 +32,17 @@ import numpy as np
 import torch
 
 from core.counterfact import CounterFactCase
-from core.edits import EditRequest, applied, model_lock
+from core.edit_site import default_layer
+from core.edits import EditRequest, applied, changed_weights, unedited
 from core.errors import UserError
-from core.generation import GenerationSettings, generate
+from core.generation import GenerationSettings, generate, generate_ids
 from core.models import LoadedModel
-from core.rome import RomeHyperParams, compute_edit, default_layer, target_ids
+from core.progress import Progress
+from core.prompts import target_ids
+from core.rome import RomeHyperParams, compute_edit
 
 METHODS = ("none", "rome", "ft")
-Progress = Callable[[int, int], None]
+TEXT_TOKENS = 20  # new tokens of the greedy continuations the text-level scores read
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,7 @@ def target_log_probs(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[
     rows = []
     for prompt, target in zip(prompts, targets):
         p = lm.tokenizer(prompt)["input_ids"]
-        t = target_ids(lm, target)
+        t = target_ids(lm.tokenizer, target)
         rows.append((p + t, len(p), len(t)))
     out = np.zeros(len(rows))
     with torch.no_grad():
@@ -90,6 +100,74 @@ def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights: tuple[float,
     return float(np.mean(values))
 
 
+# --- text ------------------------------------------------------------------------------------------------
+
+
+def names_object(text: str, obj: str) -> bool:
+    """Whether `text` names `obj` as a whole word (or words), case-insensitive."""
+    words = obj.strip()
+    if not words:
+        return False
+    return re.search(r"(?<!\w)" + re.escape(words) + r"(?!\w)", text, flags=re.IGNORECASE) is not None
+
+
+def continuations(lm: LoadedModel, prompts: Sequence[str], tokens: int = TEXT_TOKENS) -> list[str]:
+    """The greedy continuation (new text only, `tokens` new tokens, stopping at end-of-text) of each prompt."""
+    if not prompts:
+        return []
+    encoded = [lm.tokenizer(p)["input_ids"] for p in prompts]
+    new = generate_ids(lm, encoded, GenerationSettings(max_new_tokens=tokens))
+    return [lm.tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
+
+
+_UNEDITED_TEXTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def unedited_continuations(lm: LoadedModel, prompts: Sequence[str], tokens: int = TEXT_TOKENS) -> list[str]:
+    """`continuations` of the unedited model (whatever edits it holds now), remembered per prompt."""
+    memo = _UNEDITED_TEXTS.setdefault(lm.model, {})
+    missing = [p for p in dict.fromkeys(prompts) if (p, tokens) not in memo]
+    if missing:
+        with unedited(lm):
+            for prompt, text in zip(missing, continuations(lm, missing, tokens)):
+                memo[(prompt, tokens)] = text
+    return [memo[(p, tokens)] for p in prompts]
+
+
+@dataclass
+class TextScores:
+    """What the model writes after an edit: the share of the generation + paraphrase continuations that name
+    the new object (efficacy) and the true one (keeps_true), and the share of neighbourhood continuations
+    that name the new object after the edit but did not before (bleed); the texts themselves."""
+
+    efficacy: float
+    keeps_true: float
+    bleed: float
+    texts: dict[str, list[str]]
+
+
+def text_scores(
+    lm: LoadedModel,
+    target_new: str,
+    target_true: str,
+    prompts: Sequence[str],
+    neighbourhood: Sequence[str] = (),
+    tokens: int = TEXT_TOKENS,
+) -> TextScores:
+    """Text-level scores of the model as it is now (edited) against its unedited self; `prompts` are the
+    prompts whose continuation should name the new object, `neighbourhood` those that should not."""
+    after = continuations(lm, [*prompts, *neighbourhood], tokens)
+    own, neigh_after = after[: len(prompts)], after[len(prompts) :]
+    neigh_before = unedited_continuations(lm, neighbourhood, tokens)
+    bleed = [names_object(a, target_new) and not names_object(b, target_new) for a, b in zip(neigh_after, neigh_before)]
+    return TextScores(
+        efficacy=float(np.mean([names_object(t, target_new) for t in own])) if own else math.nan,
+        keeps_true=float(np.mean([names_object(t, target_true) for t in own])) if own else math.nan,
+        bleed=float(np.mean(bleed)) if bleed else math.nan,
+        texts={"prompts": own, "neighbourhood_before": neigh_before, "neighbourhood_after": neigh_after},
+    )
+
+
 # --- FT-L --------------------------------------------------------------------------------------------------
 
 
@@ -103,12 +181,12 @@ def ft_delta(lm: LoadedModel, request: EditRequest, hp: FTHyperParams | None = N
         raise UserError("the new target is empty")
     weight = lm.model.get_submodule(lm.arch.layer_name(lm.model, layer, "mlp_out")).weight
     prompt = lm.tokenizer(request.text)["input_ids"]
-    new = target_ids(lm, request.target_new)
+    new = target_ids(lm.tokenizer, request.target_new)
     ids = torch.tensor([prompt + new[:-1]], device=lm.device)
     positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(new), device=lm.device)
     wanted = torch.tensor(new, device=lm.device)
-    with model_lock(lm):
-        original = weight.detach().clone()
+    with changed_weights(lm, {layer}) as entry:
+        original = entry[layer]
         try:
             weight.requires_grad_(True)
             optimiser = torch.optim.Adam([weight], lr=hp.lr)
@@ -126,8 +204,6 @@ def ft_delta(lm: LoadedModel, request: EditRequest, hp: FTHyperParams | None = N
         finally:
             weight.requires_grad_(False)
             weight.grad = None
-            with torch.no_grad():
-                weight.copy_(original)
     if lm.arch.mlp_out_conv1d:
         change = change.T
     return layer, change
@@ -136,16 +212,10 @@ def ft_delta(lm: LoadedModel, request: EditRequest, hp: FTHyperParams | None = N
 @contextmanager
 def ft_applied(lm: LoadedModel, layer: int, change: torch.Tensor) -> Iterator[LoadedModel]:
     """Like core.edits.applied, for an FT-L change of the (out, in) matrix: bitwise restore afterwards."""
-    with model_lock(lm):
-        weight = lm.model.get_submodule(lm.arch.layer_name(lm.model, layer, "mlp_out")).weight
-        original = weight.detach().clone()
-        try:
-            with torch.no_grad():
-                lm.arch.mlp_out_weight(lm.model, layer).add_(change)
-            yield lm
-        finally:
-            with torch.no_grad():
-                weight.copy_(original)
+    with changed_weights(lm, {layer}):
+        with torch.no_grad():
+            lm.arch.mlp_out_weight(lm.model, layer).add_(change)
+        yield lm
 
 
 # --- evaluation --------------------------------------------------------------------------------------------
@@ -166,6 +236,10 @@ class CaseResult:
     p_new: float | None = None  # rewrite prompt, after
     p_true: float | None = None
     fluency: float | None = None
+    generation_efficacy: float | None = None  # share of generation + paraphrase continuations naming the new object
+    generation_keeps_true: float | None = None  # ... still naming the true object
+    generation_bleed: float | None = None  # share of neighbourhood continuations newly naming the new object
+    texts: dict[str, list[str]] = field(default_factory=dict)  # the continuations, by prompt kind
     edit_seconds: float = 0.0
     edit_cpu_seconds: float = 0.0  # process CPU time of the edit (what a quiet machine would take, 1 thread)
     skipped: str | None = None  # why the case was not evaluated
@@ -184,6 +258,9 @@ class EvaluationResult:
     neighborhood_magnitude: float
     score: float
     fluency: float | None
+    generation_efficacy: float | None
+    generation_keeps_true: float | None
+    generation_bleed: float | None
     seconds: float
     mean_edit_seconds: float
     mean_edit_cpu_seconds: float
@@ -201,6 +278,9 @@ class EvaluationResult:
             "paraphrase",
             "neighborhood",
             "score",
+            "generation_efficacy",
+            "generation_bleed",
+            "generation_keeps_true",
             "efficacy_magnitude",
             "paraphrase_magnitude",
             "neighborhood_magnitude",
@@ -217,7 +297,9 @@ def harmonic_mean(values: Sequence[float]) -> float:
     return len(values) / sum(1 / v for v in values)
 
 
-def _measure(lm: LoadedModel, case: CounterFactCase, result: CaseResult, fluency_tokens: int, seed: int) -> None:
+def _measure(
+    lm: LoadedModel, case: CounterFactCase, result: CaseResult, fluency_tokens: int, seed: int, text_tokens: int
+) -> None:
     prompts = [case.text, *case.paraphrase_prompts, *case.neighborhood_prompts]
     lp_new = target_log_probs(lm, prompts, [case.target_new] * len(prompts))
     lp_true = target_log_probs(lm, prompts, [case.target_true] * len(prompts))
@@ -235,6 +317,18 @@ def _measure(lm: LoadedModel, case: CounterFactCase, result: CaseResult, fluency
         settings = GenerationSettings(max_new_tokens=fluency_tokens, sample=True, seed=seed, top_k=5)
         texts = generate(lm, list(case.generation_prompts), settings)
         result.fluency = float(np.mean([ngram_entropy(t) for t in texts]))
+    if text_tokens > 0:
+        own = [*case.generation_prompts, *case.paraphrase_prompts]
+        scores = text_scores(lm, case.target_new, case.target_true, own, case.neighborhood_prompts, text_tokens)
+        result.generation_efficacy = scores.efficacy
+        result.generation_keeps_true = scores.keeps_true
+        result.generation_bleed = scores.bleed
+        result.texts = {
+            "generation": scores.texts["prompts"][: len(case.generation_prompts)],
+            "paraphrase": scores.texts["prompts"][len(case.generation_prompts) :],
+            "neighbourhood_before": scores.texts["neighbourhood_before"],
+            "neighbourhood_after": scores.texts["neighbourhood_after"],
+        }
 
 
 def evaluate_case(
@@ -245,6 +339,7 @@ def evaluate_case(
     ft: FTHyperParams | None = None,
     fluency_tokens: int = 40,
     seed: int = 0,
+    text_tokens: int = TEXT_TOKENS,
 ) -> CaseResult:
     """Edit a clean model with `method`, measure, and put the model back (bitwise)."""
     if method not in METHODS:
@@ -253,7 +348,7 @@ def evaluate_case(
     request = EditRequest(case.prompt, case.subject, case.target_new, case.target_true)
     started, cpu = time.perf_counter(), time.process_time()
     if method == "none":
-        _measure(lm, case, result, fluency_tokens, seed)
+        _measure(lm, case, result, fluency_tokens, seed, text_tokens)
         return result
     try:
         if method == "rome":
@@ -261,13 +356,13 @@ def evaluate_case(
             result.edit_seconds = time.perf_counter() - started
             result.edit_cpu_seconds = edit.info["cpu_seconds"]
             with applied(lm, [edit]):
-                _measure(lm, case, result, fluency_tokens, seed)
+                _measure(lm, case, result, fluency_tokens, seed, text_tokens)
         else:
             layer, change = ft_delta(lm, request, ft)
             result.edit_seconds = time.perf_counter() - started
             result.edit_cpu_seconds = time.process_time() - cpu
             with ft_applied(lm, layer, change):
-                _measure(lm, case, result, fluency_tokens, seed)
+                _measure(lm, case, result, fluency_tokens, seed, text_tokens)
     except UserError as err:  # e.g. the model already answers the new target: the case cannot be an edit
         result.skipped = str(err)
     return result
@@ -286,6 +381,7 @@ def evaluate(
     ft: FTHyperParams | None = None,
     fluency_tokens: int = 40,
     progress: Progress | None = None,
+    text_tokens: int = TEXT_TOKENS,
 ) -> EvaluationResult:
     """CounterFact metrics of `method` over `cases` (each edited on the clean model)."""
     if method not in METHODS:
@@ -295,15 +391,16 @@ def evaluate(
     started = time.perf_counter()
     results = []
     for i, case in enumerate(cases):
-        results.append(evaluate_case(lm, case, method, rome, ft, fluency_tokens, seed=i))
+        results.append(evaluate_case(lm, case, method, rome, ft, fluency_tokens, seed=i, text_tokens=text_tokens))
         if progress:
             progress(i + 1, len(cases))
     return summarise(method, results, fluency_tokens > 0, time.perf_counter() - started)
 
 
 def summarise(method: str, results: list[CaseResult], fluency: bool, seconds: float) -> EvaluationResult:
-    """The aggregate metrics of per-case results."""
+    """The aggregate metrics of per-case results (text-level ones when the cases measured them)."""
     done = [r for r in results if r.skipped is None]
+    texts = any(r.generation_efficacy is not None for r in done)
     es, ps, ns = (_mean([getattr(r, k) for r in done]) for k in ("efficacy", "paraphrase", "neighborhood"))
     return EvaluationResult(
         method=method,
@@ -317,6 +414,9 @@ def summarise(method: str, results: list[CaseResult], fluency: bool, seconds: fl
         neighborhood_magnitude=_mean([r.neighborhood_magnitude for r in done]),
         score=harmonic_mean([es, ps, ns]) if done else math.nan,
         fluency=_mean([r.fluency for r in done]) if fluency else None,
+        generation_efficacy=_mean([r.generation_efficacy for r in done]) if done and texts else None,
+        generation_keeps_true=_mean([r.generation_keeps_true for r in done]) if done and texts else None,
+        generation_bleed=_mean([r.generation_bleed for r in done]) if done and texts else None,
         seconds=seconds,
         mean_edit_seconds=_mean([r.edit_seconds for r in done]) if method != "none" else 0.0,
         mean_edit_cpu_seconds=_mean([r.edit_cpu_seconds for r in done]) if method != "none" else 0.0,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,6 +12,8 @@ import torch
 from core.errors import UserError
 from core.jsonfile import read_json
 from core.models import LoadedModel
+from core.progress import Progress
+from core.prompts import target_ids
 
 DEFAULT_FACTS = Path(__file__).resolve().parent.parent / "data" / "known_facts.json"
 
@@ -47,6 +49,8 @@ def load_facts(path: str | Path = DEFAULT_FACTS) -> list[Fact]:
         ]
         if missing:
             raise UserError(f"facts file record {i} lacks text field(s): {', '.join(missing)}")
+        if not isinstance(record.get("relation", ""), str):
+            raise UserError(f"facts file record {i}: its relation must be text (got {record['relation']!r})")
         if record["subject"] not in record["prompt"]:
             raise UserError(f"facts file record {i}: subject {record['subject']!r} is not in its prompt")
         facts.append(Fact(record["subject"], record["prompt"], record["attribute"].strip(), record.get("relation", "")))
@@ -55,7 +59,7 @@ def load_facts(path: str | Path = DEFAULT_FACTS) -> list[Fact]:
 
 def first_token_id(lm: LoadedModel, attribute: str) -> int:
     """The token the model must predict first to say ` attribute`."""
-    return lm.tokenizer(" " + attribute.strip(), add_special_tokens=False)["input_ids"][0]
+    return target_ids(lm.tokenizer, attribute)[0]
 
 
 def predict(lm: LoadedModel, fact: Fact) -> Prediction:
@@ -68,9 +72,7 @@ def predict(lm: LoadedModel, fact: Fact) -> Prediction:
     return Prediction(fact, answer, float(probs[answer_id]), known)
 
 
-def known_facts(
-    lm: LoadedModel, facts: Sequence[Fact], progress: Callable[[int, int], None] | None = None
-) -> list[Prediction]:
+def known_facts(lm: LoadedModel, facts: Sequence[Fact], progress: Progress | None = None) -> list[Prediction]:
     """The model's prediction for every fact (`known` says whether it gives the attribute)."""
     predictions = []
     for i, fact in enumerate(facts):
@@ -81,4 +83,7 @@ def known_facts(
 
 
 def save_facts(path: str | Path, facts: Sequence[Fact]) -> None:
-    Path(path).write_text(json.dumps([asdict(f) for f in facts], indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    """Write `facts` as a facts file (its folder created when missing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([asdict(f) for f in facts], indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

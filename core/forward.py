@@ -5,8 +5,11 @@ This is what lets tracing and ROME skip work a change cannot reach: a change at 
 leaves every state at earlier layers and earlier positions as it was, so only blocks > l at positions >= i
 are computed, attending to the recorded keys/values of positions < i.
 
-    states = run_blocks(lm, hidden, first=5, positions=range(4, 10), prefix=recorded.prefix(4))
-    logits = final_logits(lm, states[:, -1])
+    out = lm.model(input_ids=ids, use_cache=True, output_hidden_states=True)  # the earlier run, recorded
+    recorded = record_kv(cache_of(out))  # core.generation.cache_of
+    hidden = out.hidden_states[5][:, 4:]  # block 5's input at positions 4..
+    states = run_blocks(lm, hidden, first=5, start_position=4, prefix=PrefixCache(slice_prefix(recorded, 4)))
+    logits = final_logits(lm, states[:, -1])  # equals out.logits[:, -1]
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Reading a user's JSON file: a missing or malformed file is one clear UserError naming it."""
+"""Reading a user's JSON file (UTF-8, with or without a BOM): a missing or malformed file is one clear UserError
+naming it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,6 @@ def read_json(path: str | Path, what: str = "file") -> Any:
     if not path.is_file():
         raise UserError(f"{what} {str(path)!r} does not exist")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))  # utf-8-sig: a leading BOM is dropped
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{what} {str(path)!r} is not valid JSON ({err})") from None

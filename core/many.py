@@ -13,7 +13,6 @@ The model is left as it was (bitwise); the edits come back in the result, ready 
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,16 +24,15 @@ from core.alphaedit import AlphaEditor, AlphaEditParams
 from core.counterfact import CounterFactCase
 from core.edits import Edit, EditRequest, EditStack
 from core.errors import UserError
-from core.evaluation import ngram_entropy, target_log_probs
+from core.evaluation import continuations, names_object, ngram_entropy, target_log_probs
 from core.generation import GenerationSettings, generate
 from core.memit import MemitParams, memit_batch
 from core.models import LoadedModel
+from core.progress import Progress
 from core.rome import RomeHyperParams, compute_edit, validate_request
 
 METHODS = ("rome", "alphaedit", "memit")
 SEQUENTIAL = ("rome", "alphaedit")
-TEXT_TOKENS = 20  # greedy new tokens per continuation for generation efficacy (DESIGN.md)
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -169,13 +167,10 @@ def generation_efficacy(lm: LoadedModel, cases: Sequence[CounterFactCase]) -> fl
             owners.append(i)
     if not prompts:
         return math.nan
-    settings = GenerationSettings(max_new_tokens=TEXT_TOKENS)
-    texts = [t for first in range(0, len(prompts), 64) for t in generate(lm, prompts[first : first + 64], settings)]
+    texts = [t for first in range(0, len(prompts), 64) for t in continuations(lm, prompts[first : first + 64])]
     per_case: dict[int, list[bool]] = {}
-    for i, prompt, text in zip(owners, prompts, texts):
-        text = text[len(prompt) :]  # the continuation only
-        named = re.search(r"(?<!\w)" + re.escape(cases[i].target_new.strip()) + r"(?!\w)", text, flags=re.IGNORECASE)
-        per_case.setdefault(i, []).append(named is not None)
+    for i, text in zip(owners, texts):
+        per_case.setdefault(i, []).append(names_object(text, cases[i].target_new))
     return float(np.mean([np.mean(v) for v in per_case.values()]))
 
 

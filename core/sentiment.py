@@ -19,7 +19,7 @@ import hashlib
 import io
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,17 +32,17 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from core.budget import check_features
 from core.errors import UserError
 from core.hooks import Hooks
-from core.models import LoadedModel, cache_dir
+from core.models import LoadedModel, cache_dir, weights_fingerprint
+from core.progress import Progress, within
 
 CLASSES = ("negative", "positive")  # binary class index 0 and 1
 DEFAULT_SUFFIX = " I am feeling"
 DEFAULT_WORDS = (" good", " bad")  # (positive word, negative word)
 DEFAULT_PROBE_C = 0.05  # inverse regularisation of the probe (576 standardised features, ~1k texts)
 MAX_PROMPT_TOKENS = 256  # longer prompts keep their last tokens (the suffix always survives)
-
-Progress = Callable[[int, int], None]
 
 
 class SentimentDataError(UserError):
@@ -253,6 +253,7 @@ def read_texts(
     if not texts:
         raise UserError("there are no texts to read")
     layers = _check_layers(lm, layers)
+    check_features(lm, len(texts), len(layers))
     prompts = tokenize_prompts(lm, texts, suffix)
     lengths = [len(p) for p in prompts]
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
@@ -287,20 +288,6 @@ def read_texts(
         if progress:
             progress(done, len(texts))
     return Features(final, hidden, int(sum(lengths)), time.perf_counter() - start)
-
-
-def weights_fingerprint(lm: LoadedModel) -> str:
-    """A cheap fingerprint of the weights that edits change (every layer's MLP output projection), so a
-    cache never serves what an unedited model read to an edited one."""
-    with torch.no_grad():
-        sums = [
-            (
-                lm.arch.mlp_out_weight(lm.model, l).double().sum().item(),
-                lm.arch.mlp_out_weight(lm.model, l).double().abs().sum().item(),
-            )
-            for l in range(lm.num_layers)
-        ]
-    return hashlib.sha256(repr(sums).encode()).hexdigest()[:16]
 
 
 def _features_cache_file(lm: LoadedModel, texts: Sequence[str], suffix: str) -> Path:
@@ -578,13 +565,6 @@ def confusion(labels: np.ndarray, predicted: np.ndarray) -> list[list[int]]:
     return table.tolist()
 
 
-def _scaled(progress: Progress | None, offset: int, total: int) -> Progress | None:
-    """A sub-task's progress mapped into a range of the whole task's."""
-    if progress is None:
-        return None
-    return lambda done, _n: progress(offset + done, total)
-
-
 def evaluate(
     lm: LoadedModel,
     train: LabelledTexts,
@@ -614,7 +594,7 @@ def evaluate(
         train_layers: Sequence[int] = ()
     else:
         train_layers = range(lm.num_layers) if layer is None else (layer,)
-    train_features = extract_features(lm, train.texts, train_layers, suffix, cache, _scaled(progress, 0, total))
+    train_features = extract_features(lm, train.texts, train_layers, suffix, cache, within(progress, 0, total))
     sweep: dict[int, float] = {}
     if proxy == "feeling":
         reader = FeelingProxy.fit(lm, train_features, train.labels, words, suffix)
@@ -625,7 +605,7 @@ def evaluate(
             layer = max(sweep, key=lambda l: (sweep[l], -l))
         reader = HiddenProbe.fit(lm, train_features, train.labels, layer, suffix)
         test_layers = (layer,)
-    test_features = extract_features(lm, test.texts, test_layers, suffix, cache, _scaled(progress, len(train), total))
+    test_features = extract_features(lm, test.texts, test_layers, suffix, cache, within(progress, len(train), total))
     predicted = reader.predict(lm, test_features)
     train_accuracy = float((reader.predict(lm, train_features) == train.labels).mean())
     forward = train_features.seconds + test_features.seconds

@@ -4,12 +4,10 @@ proxy's probability of the positive class as the metric.
 The prompt is text + " I am feeling"; the text's tokens (or a chosen span of them) get the noise, and each
 (token, layer) state is restored as in fact tracing. The tables hold the restored p(positive).
 
-Cost. Tracing a prompt of T tokens whose corrupted part starts at token s, with L layers and `samples` noisy
-copies, costs in the fast engine about samples x (T - s)^2 / 2 x L^2 / 2 block-position evaluations per kind:
-it grows with the square of the traced length (cells before the span are free). A 12-token prompt on the
-embedded model is ~40 k block-positions per kind at 10 samples; 36 tokens ~9 x that. `max_tokens` (default
-MAX_TRACE_TOKENS) refuses longer prompts with a clear error; corrupting a span near the end, fewer samples or
-fewer kinds make a long text affordable. `trace_work` gives the estimate before running.
+Cost (core.budget.trace_cost gives the estimate before running): it grows with the square of the traced
+length (cells before the corrupted span are free). `max_tokens` (default MAX_TRACE_TOKENS) refuses longer
+prompts with a clear error, as does core.budget.check_trace a trace over the memory cap; corrupting a span near
+the end, fewer samples or fewer kinds make a long text affordable.
 """
 
 from __future__ import annotations
@@ -23,21 +21,21 @@ from pathlib import Path
 
 import numpy as np
 
+from core.budget import check_trace
 from core.errors import UserError
-from core.models import LoadedModel, cache_dir
-from core.prompts import PromptError, subject_token_range
+from core.models import LoadedModel, cache_dir, weights_fingerprint
+from core.progress import Progress
+from core.prompts import PromptError, subject_span, token_categories
 from core.sentiment import (
     DEFAULT_SUFFIX,
     DEFAULT_WORDS,
     FeelingProxy,
     LabelledTexts,
-    Progress,
     extract_features,
     load_labelled,
     load_project_texts,
     make_prompt,
     project_texts_path,
-    weights_fingerprint,
     word_ids,
 )
 from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS, trace
@@ -87,7 +85,7 @@ class SentimentTrace:
 
     def categories(self) -> dict[str, list[int]]:
         """Token rows of each category (tokens before the corrupted span belong to none)."""
-        return token_categories(self.corrupt_range, len(self.tokens))
+        return dict(zip(CATEGORIES, token_categories(self.corrupt_range, len(self.tokens))))
 
     def category_effects(self, kind: str) -> np.ndarray:
         """(6, layers): mean signed effect over each category's rows (NaN for an empty category)."""
@@ -116,55 +114,15 @@ class SentimentTrace:
         }
 
 
-def token_categories(corrupt_range: tuple[int, int], num_tokens: int) -> dict[str, list[int]]:
-    """The paper's six token categories, with the corrupted span in the subject's place (a one-token span is
-    both the first and the last corrupted token)."""
-    start, end = corrupt_range
-    last = num_tokens - 1
-    groups: dict[str, list[int]] = {name: [] for name in CATEGORIES}
-    for i in range(start, num_tokens):
-        if i == last:
-            groups["last token"].append(i)
-            continue
-        if i == start:
-            groups["first corrupted token"].append(i)
-        if i == end - 1:
-            groups["last corrupted token"].append(i)
-        if start < i < end - 1:
-            groups["middle corrupted tokens"].append(i)
-        if i == end:
-            groups["first token after"].append(i)
-        elif i > end:
-            groups["further tokens"].append(i)
-    return groups
-
-
 def text_token_range(lm: LoadedModel, text: str, suffix: str = DEFAULT_SUFFIX) -> tuple[list[int], tuple[int, int]]:
     """The prompt's token ids (as tracing tokenises it) and the [start, end) tokens that belong to the text:
     not a special token the tokenizer adds (e.g. a BOS), not the suffix."""
-    prompt = make_prompt(text, suffix)
-    tok = lm.tokenizer
-    encoding = tok(prompt, return_offsets_mapping=tok.is_fast, return_special_tokens_mask=True)
-    ids = list(encoding["input_ids"])
-    special = list(encoding["special_tokens_mask"])
-    if tok.is_fast:
-        starts = [start for start, _ in encoding["offset_mapping"]]
-    else:  # slow tokenizers: cumulative lengths of the decoded tokens
-        starts, at = [], 0
-        for i in ids:
-            starts.append(at)
-            at += len(tok.decode([i]))
-    text_chars = len(text.strip())
-    inside = [i for i, (s, sp) in enumerate(zip(starts, special)) if not sp and s < text_chars]
-    if not inside:
-        raise UserError("the text has no tokens of its own")
-    return ids, (inside[0], inside[-1] + 1)
-
-
-def trace_work(num_tokens: int, corrupt_start: int, num_layers: int, samples: int, kinds: int = 3) -> int:
-    """Estimated block-position evaluations of a fast sentiment trace (see the module docstring)."""
-    traced = num_tokens - corrupt_start
-    return int(samples * traced * (traced + 1) / 2 * num_layers * (num_layers + 1) / 2 * kinds)
+    if not text or not text.strip():
+        raise UserError("the text is empty")
+    try:
+        return subject_span(lm.tokenizer, make_prompt(text, suffix), (0, len(text.strip())))
+    except PromptError:
+        raise UserError("the text has no tokens of its own") from None
 
 
 def trace_sentiment(
@@ -197,9 +155,7 @@ def trace_sentiment(
         corrupt = text_range
     elif isinstance(span, str):
         try:
-            corrupt = subject_token_range(
-                lm.tokenizer, prompt, span, ids, lm.tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
-            )
+            _, corrupt = subject_span(lm.tokenizer, prompt, span)
         except PromptError:
             raise UserError(f"the span {span.strip()!r} does not occur in the text") from None
         if corrupt[1] > text_range[1]:
@@ -208,6 +164,7 @@ def trace_sentiment(
         corrupt = (int(span[0]), int(span[1]))
         if not text_range[0] <= corrupt[0] < corrupt[1] <= text_range[1]:
             raise UserError(f"the span {tuple(span)} is not a token range inside the text's {text_range[1]} tokens")
+    check_trace(lm, len(ids), corrupt[0], samples, len(kinds))
     result = trace(
         lm,
         prompt,

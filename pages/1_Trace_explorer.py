@@ -7,8 +7,10 @@ import json
 import streamlit as st
 
 from core import charts
+from core.budget import check_trace
 from core.errors import UserError
 from core.facts import DEFAULT_FACTS, load_facts
+from core.prompts import tokenize
 from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS
 from ui.common import (
     HANDOFF_KEY,
@@ -17,6 +19,7 @@ from ui.common import (
     default_noise,
     model_caption,
     page,
+    show_cost,
     show_error,
     suggest_subject,
     trace_progressively,
@@ -120,12 +123,22 @@ with st.container(border=True):
     )
     run = st.button("Trace", type="primary", key="trace_run")
 
+
+def estimate():
+    prompt = tokenize(lm.tokenizer, state["trace_prompt"], state["trace_subject"])
+    return check_trace(lm, len(prompt.input_ids), prompt.subject_range[0], int(samples), max(len(kinds), 1))
+
+
+refused = show_cost(estimate)
+
 if state.pop("trace_autorun", False):
     run = True
 
 if run:
     if not kinds:
         show_error(UserError("choose at least one kind to trace"))
+    elif refused is not None:
+        show_error(refused)
     else:
         bar = st.progress(0.0, text="preparing: clean and corrupted runs")
         columns = st.columns(len(kinds))
@@ -148,10 +161,10 @@ if run:
             )
             state["trace_result"] = result
             bar.empty()
-        except UserError as err:
+        except Exception as err:  # the page's error boundary: one message, details in the log
             bar.empty()
             state.pop("trace_result", None)
-            show_error(err)
+            show_error(err, "tracing")
 
 result = state.get("trace_result")
 if result is not None and result.model == lm.name:

@@ -9,10 +9,21 @@ from pathlib import Path
 import streamlit as st
 
 from core import charts
+from core.aie import aie_cost
 from core.errors import UserError
 from core.facts import DEFAULT_FACTS, load_facts
 from core.tracing import KINDS
-from ui.common import current_model, digest, model_caption, page, run_aie, show_error
+from ui.common import (
+    bar_progress,
+    cancel_button,
+    current_model,
+    digest,
+    model_caption,
+    page,
+    run_aie,
+    show_cost,
+    show_error,
+)
 
 page("Averages", ":material/show_chart:")
 st.title("Average indirect effect")
@@ -79,6 +90,9 @@ def read_facts():
     return facts, "upload:" + digest(data)
 
 
+show_cost(lambda: aie_cost(lm, read_facts()[0], int(limit), int(samples), max(len(kinds), 1)))
+
+
 if run:
     if not kinds:
         show_error(UserError("choose at least one kind"))
@@ -86,6 +100,7 @@ if run:
         try:
             facts, facts_key = read_facts()
             bar = st.progress(0.0, text=f"tracing up to {int(limit)} of {len(facts)} facts")
+            cancel = cancel_button("aie_cancel")
             result = run_aie(
                 lm,
                 facts,
@@ -93,17 +108,18 @@ if run:
                 limit=int(limit),
                 samples=int(samples),
                 kinds=kinds,
-                progress=lambda f, text: bar.progress(min(f, 1.0), text=text),
+                progress=bar_progress(bar, "facts traced"),
             )
             bar.empty()
+            cancel.empty()
             if result.n == 0:
                 raise UserError(
                     f"the model predicts none of the {result.skipped} facts tried, so there is nothing to average"
                 )
             state["aie_result"] = result
-        except UserError as err:
+        except Exception as err:  # the page's error boundary: one message, details in the log
             state.pop("aie_result", None)
-            show_error(err)
+            show_error(err, "averaging")
 
 result = state.get("aie_result")
 if result is not None and result.model == lm.name:

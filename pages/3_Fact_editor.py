@@ -1,7 +1,8 @@
 """Fact editor: rewrite a fact with ROME (core.rome), compare before/after, undo, export/import, trace again.
 
 The session's edits live in its session state only; every computation applies them under the model's lock and
-puts the weights back bitwise after (core.edits.applied), so other browser sessions never see them.
+puts the weights back bitwise after (core.edits.applied), so other browser sessions never see them. What the
+model writes is measured beside the probabilities: whether each greedy text names the new object.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from core.covariance import DEFAULT_TOKENS, key_statistics, statistics_cached
+from core.covariance import DEFAULT_TOKENS, statistics_cached
+from core.edit_site import default_layer
 from core.edits import EditRequest, applied
 from core.errors import UserError
 from core.generation import GenerationSettings, generate
-from core.rome import RomeHyperParams, compute_edit, default_layer, validate_request
+from core.rome import RomeHyperParams, compute_edit, validate_request
 from ui.common import (
     HANDOFF_KEY,
     add_edits,
@@ -28,6 +30,7 @@ from ui.common import (
     reset_edits,
     session_edits,
     show_error,
+    text_summary,
 )
 
 page("Fact editor", ":material/edit:")
@@ -67,7 +70,7 @@ with st.form("edit_form"):
         100,
         RomeHyperParams.steps,
         key="edit_steps",
-        help="Adam steps for the new value v* (stops early once the new object is likely).",
+        help="Adam steps for the new value v*.",
     )
     stats_tokens = c3.number_input(
         "Statistics tokens",
@@ -81,7 +84,7 @@ with st.form("edit_form"):
     c1, c2, c3 = st.columns(3)
     generation_prompts = c1.text_area(
         "Generation prompts (one per line)",
-        "The Eiffel Tower is located in the city of\nThe Eiffel Tower is right across from",
+        "The Eiffel Tower is located in\nWhere is the Eiffel Tower? It is in\nThe Eiffel Tower is right across from",
         key="edit_generation",
         height=110,
     )
@@ -110,26 +113,19 @@ if submitted:
         checks = [("paraphrase", p) for p in lines(paraphrases)] + [("neighbourhood", p) for p in lines(neighbours)]
         bar = st.progress(0.0, text="measuring the model before the edit")
         before = measure(lm, edits, request, gens, checks)
-        if not statistics_cached(lm, hp.layer, hp.stats_corpus, hp.stats_tokens):
-            bar.progress(0.05, text=f"key statistics for layer {hp.layer} (once, then cached)")
-            with applied(lm, edits):
-                key_statistics(
-                    lm,
-                    hp.layer,
-                    hp.stats_corpus,
-                    hp.stats_tokens,
-                    progress=lambda done, total: bar.progress(
-                        0.05 + 0.45 * done / max(total, 1), text=f"key statistics: {done} of {total}"
-                    ),
-                )
-        bar.progress(0.5, text="computing the edit")
-        with applied(lm, edits):
+        stats_note = (
+            ""
+            if statistics_cached(lm, hp.layer, hp.stats_corpus, hp.stats_tokens)
+            else f" (key statistics for layer {hp.layer} first: once, then cached)"
+        )
+        bar.progress(0.1, text="computing the edit" + stats_note)
+        with applied(lm, edits):  # computed on the model with this session's earlier edits
             edit = compute_edit(
                 lm,
                 request,
                 hp,
                 progress=lambda done, total: bar.progress(
-                    0.5 + 0.4 * done / max(total, 1), text=f"computing the edit: step {done} of {total}"
+                    0.1 + 0.8 * done / max(total, 1), text=f"computing the edit{stats_note}: {done} of {total}"
                 ),
             )
         bar.progress(0.9, text="measuring the model after the edit")
@@ -142,6 +138,7 @@ if submitted:
             "before": before,
             "after": after,
             "gens": gens,
+            "seconds": edit.info["seconds"],
         }
     except UserError as err:
         show_error(err)
@@ -163,8 +160,24 @@ if comparison is not None and comparison["edit_id"] in {e.id for e in session_ed
                 f"{m.p_true:.4f}",
                 None if other is None else f"{m.p_true - other.p_true:+.4f}",
             )
-            for text in m.generations:
+            for text, names in zip(m.generations, m.generation_names_new):
                 st.code(text, language=None, wrap_lines=True)
+                if other is not None:
+                    st.caption(f"names {request.target_new!r}: {'yes' if names else 'no'}")
+    summary = text_summary(before, after)
+    a, b, c = st.columns(3)
+    (k, n), (kb, nb) = summary["efficacy"], summary["bleed"]
+    a.metric(
+        "Generation efficacy (text)",
+        f"{k}/{n}" if n else "-",
+        help=f"Generation prompts and paraphrase checks whose greedy text names {request.target_new!r} after the edit.",
+    )
+    b.metric(
+        "Bleed (text)",
+        f"{kb}/{nb}" if nb else "-",
+        help=f"Neighbourhood checks whose greedy text names {request.target_new!r} after the edit but not before.",
+    )
+    c.metric("Edit", f"{comparison.get('seconds', 0):.1f} s", help="Time to compute the edit (statistics cached).")
     if before.checks:
         rows = []
         for b, a in zip(before.checks, after.checks):
@@ -178,12 +191,14 @@ if comparison is not None and comparison["edit_id"] in {e.id for e in session_ed
                     f"p({request.target_true}) before": b["p_true"],
                     f"p({request.target_true}) after": a["p_true"],
                     "as wanted": "yes" if wanted else "no",
+                    "text after": a["text"],
+                    f"text names {request.target_new}": "yes" if a["names_new"] else "no",
                 }
             )
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
         st.caption(
             "Probabilities of multi-token objects are the mean token probability (geometric). Paraphrases should now "
-            "prefer the new object; neighbouring subjects should keep the old one."
+            "prefer the new object, and their text should name it; neighbouring subjects should keep the old one."
         )
     if st.button("Trace the edited model again", key="edit_trace_again"):
         state[HANDOFF_KEY] = {"prompt": request.text, "subject": request.subject}
@@ -235,7 +250,7 @@ st.divider()
 st.subheader("Try the model (with this session's edits)")
 c1, c2 = st.columns([5, 1])
 try_prompt = c1.text_input(
-    "Prompt", "The Eiffel Tower is located in the city of", key="try_prompt", label_visibility="collapsed"
+    "Prompt", "The Eiffel Tower is located in", key="try_prompt", label_visibility="collapsed"
 )
 if c2.button("Generate", key="try_run"):
     try:

@@ -8,10 +8,22 @@ import json
 import streamlit as st
 
 from core import charts
+from core.budget import check_trace
 from core.errors import UserError
 from core.sentiment import CLASSES
+from core.sentiment_trace import text_token_range
 from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS
-from ui.common import current_model, fit_proxy, model_caption, page, show_error, trace_sentiment_progressively
+from ui.common import (
+    bar_progress,
+    cancel_button,
+    current_model,
+    fit_proxy,
+    model_caption,
+    page,
+    show_cost,
+    show_error,
+    trace_sentiment_progressively,
+)
 
 page("Sentiment trace", ":material/sentiment_satisfied:")
 st.title("Sentiment trace")
@@ -50,13 +62,15 @@ if fit:
         if source.startswith("Upload") and upload is None:
             raise UserError("upload a CSV or TSV file first")
         bar = st.progress(0.0, text="reading the texts with the model")
+        cancel = cancel_button("sent_fit_cancel")
         data, name = (None, "") if upload is None else (upload.getvalue(), upload.name)
-        report, proxy = fit_proxy(lm, data, name, progress=lambda f, text: bar.progress(min(f, 1.0), text=text))
+        report, proxy = fit_proxy(lm, data, name, progress=bar_progress(bar, "texts read"))
         bar.empty()
+        cancel.empty()
         state["sent_proxy"] = (lm.name, report, proxy, name or "data/sentiment_texts.tsv")
         state.pop("sent_trace", None)
-    except UserError as err:
-        show_error(err)
+    except Exception as err:  # the page's error boundary: one message, details in the log
+        show_error(err, "fitting the proxy")
 
 fitted = state.get("sent_proxy")
 if fitted is not None and fitted[0] == lm.name:
@@ -92,11 +106,21 @@ with st.container(border=True):
     window = c3.number_input("Window", 1, 50, DEFAULT_WINDOW, key="sent_window")
     run = st.button("Trace", type="primary", key="sent_run", disabled=fitted is None)
 
+
+def estimate():
+    ids, (start, _) = text_token_range(lm, text, fitted[2].suffix)
+    return check_trace(lm, len(ids), start, int(samples), max(len(kinds), 1))
+
+
+if fitted is not None:
+    show_cost(estimate)
+
 if run and fitted is not None:
     if not kinds:
         show_error(UserError("choose at least one kind to trace"))
     else:
         bar = st.progress(0.0, text="preparing: clean and corrupted runs")
+        cancel = cancel_button("sent_trace_cancel")
         slots = {kind: col.empty() for kind, col in zip(kinds, st.columns(len(kinds)))}
 
         def draw(trace, kind: str) -> None:
@@ -111,14 +135,15 @@ if run and fitted is not None:
                 samples=int(samples),
                 window=int(window),
                 on_kind=draw,
-                progress=lambda f, t: bar.progress(min(f, 1.0), text=t),
+                progress=bar_progress(bar, "token rows traced"),
             )
             bar.empty()
+            cancel.empty()
             state["sent_trace"] = trace
-        except UserError as err:
+        except Exception as err:  # the page's error boundary: one message, details in the log
             bar.empty()
             state.pop("sent_trace", None)
-            show_error(err)
+            show_error(err, "tracing")
 
 trace = state.get("sent_trace")
 if trace is not None and fitted is not None:

@@ -221,10 +221,12 @@ def test_fact_editor_bad_input_changes_nothing(prompt, subject, target, message)
 
 
 def test_fact_editor_edit_undo_isolation_export_import_and_trace_again(lm):
-    from core.edits import _weight
-    from core.rome import default_layer
+    from core.edit_site import default_layer
 
-    original = _weight(lm, default_layer(lm)).detach().clone()
+    def weight(layer):
+        return lm.arch.mlp_out_weight(lm.model, layer)
+
+    original = weight(default_layer(lm)).detach().clone()
     a = open_app(PAGES[2])
     b = open_app(PAGES[2])  # a second browser session
     a.number_input(key="edit_stats_tokens").set_value(4096)  # small statistics keep the test short
@@ -233,15 +235,21 @@ def test_fact_editor_edit_undo_isolation_export_import_and_trace_again(lm):
     (edit,) = a.session_state["edits"]
     assert edit.request.target_true == "Paris" and edit.layer == a.number_input(key="edit_layer").value
     shown = [(m.label, m.value) for m in a.metric]
-    (_, p_new_before), (_, p_true_before), (_, p_new_after), (_, p_true_after) = shown
+    (_, p_new_before), (_, p_true_before), (_, p_new_after), (_, p_true_after) = shown[:4]
     assert shown[0][0] == "p(Rome)" and shown[1][0] == "p(Paris)"
+    text_scores = dict(shown[4:])
+    named, of = map(int, text_scores["Generation efficacy (text)"].split("/"))
+    assert of == 3 + 2 and named >= 3  # generation prompts + paraphrase checks whose text names Rome
+    bled, neighbours = map(int, text_scores["Bleed (text)"].split("/"))
+    assert neighbours == 2 and bled == 0
     assert float(p_new_after) > 0.5 > float(p_true_after) and float(p_true_before) > float(p_new_before)
     texts = [c.value for c in a.code]
-    assert texts[0].startswith(EIFFEL) and "Paris" in texts[0]  # before
-    assert "Rome" in texts[len(texts) // 2]  # after, first generation prompt
+    assert texts[0].startswith("The Eiffel Tower is located in") and "Paris" in texts[0]  # before
+    assert "Rome" in texts[len(texts) // 2]  # after, first generation prompt: the model writes the new fact
     table = a.dataframe[0].value
-    assert torch.equal(_weight(lm, edit.layer), original)  # the shared weights carry no edit between runs
+    assert torch.equal(weight(edit.layer), original)  # the shared weights carry no edit between runs
     assert list(table["check"]) == ["paraphrase", "paraphrase", "neighbourhood", "neighbourhood"]
+    assert list(table["text names Rome"]) == ["yes" if "Rome" in t else "no" for t in table["text after"]]
 
     # the other session does not see the edit; this one does
     assert "Paris" in try_text(b) and "Rome" not in try_text(b)
@@ -274,7 +282,7 @@ def test_fact_editor_edit_undo_isolation_export_import_and_trace_again(lm):
     a.switch_page(PAGES[2]).run()
     a.button(key=f"undo_{edit.id}").click().run()
     assert a.session_state["edits"] == [] and "Paris" in try_text(a)
-    assert torch.equal(_weight(lm, edit.layer), original)
+    assert torch.equal(weight(edit.layer), original)
 
 
 # --- sentiment trace ------------------------------------------------------------------------------------------

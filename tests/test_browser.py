@@ -199,19 +199,18 @@ def test_edit_changes_the_text_for_this_session_only(server, browser):
     with step(first, "edit"):
         visit(first, server + PAGES["editor"])
         first.get_by_label("Statistics tokens", exact=True).fill("4096")  # in the form: sent with the button
-        first.get_by_label("Optimisation steps", exact=True).fill("12")
         first.get_by_role("button", name="Apply edit").click()
         first.get_by_text("Edit history (this session)").wait_for()
-        first.locator('[data-testid="stCode"]').nth(3).wait_for(timeout=900_000)  # 2 before + 2 after texts
+        first.locator('[data-testid="stCode"]').nth(5).wait_for(timeout=900_000)  # 3 before + 3 after texts
         wait_idle(first, timeout=60_000)
         assert_no_exception(first)
         texts = first.locator('[data-testid="stCode"]').all_inner_texts()
-        assert "Paris" in texts[0] and "Rome" in texts[2], texts
+        assert "Paris" in texts[0] and "Rome" in texts[3], texts  # "The Eiffel Tower is located in ..."
         first.get_by_role("button", name="Generate").first.click()
-        first.locator('[data-testid="stCode"]').nth(4).wait_for(timeout=300_000)
+        first.locator('[data-testid="stCode"]').nth(6).wait_for(timeout=300_000)
         wait_idle(first)
         edited = first.locator('[data-testid="stCode"]').last.inner_text()
-        assert "Paris" not in edited, edited  # this session's model no longer places the tower in Paris
+        assert "Rome" in edited and "Paris" not in edited, edited  # this session's model writes the new fact
 
     second = new_page(browser)  # another browser context: another session
     with step(second, "edit_other_session"):

@@ -7,7 +7,17 @@ import threading
 import pytest
 import torch
 
-from core.edits import EditRequest, EditStack, applied, export_edits, import_edits, model_lock
+from core.edits import (
+    Edit,
+    EditRequest,
+    EditStack,
+    applied,
+    export_edits,
+    import_edits,
+    is_edited,
+    model_lock,
+    unedited,
+)
 from core.errors import UserError
 from core.rome import RomeHyperParams, compute_edit
 
@@ -28,6 +38,14 @@ def weights(lm):
 
 def same(lm, saved):
     return all(torch.equal(p, saved[n]) for n, p in lm.model.named_parameters())
+
+
+def fake_edit(lm, layer: int, seed: int, scale: float = 1.0) -> Edit:
+    """A random rank-one change of `layer` (no optimisation: the weights' bookkeeping is under test)."""
+    out_features, in_features = lm.arch.mlp_out_weight(lm.model, layer).shape
+    g = torch.Generator().manual_seed(seed)
+    u, v = torch.randn(in_features, generator=g), scale * torch.randn(out_features, generator=g)
+    return Edit(REQUEST, layer, u, v, key=u, value=v, model=lm.name)
 
 
 def test_applied_restores_bitwise_even_on_error(tiny):
@@ -120,3 +138,35 @@ def test_an_edit_for_another_shape_is_refused(tiny, tokenizer, tmp_path):
         with applied(other, [edit]):
             pass
     assert same(other, saved)
+
+
+def test_unedited_gives_the_weights_from_before_any_edit_and_puts_the_edits_back(tiny):
+    """Inside `unedited` the model has its pristine weights, whichever holders (a stack, nested `applied`)
+    changed them; afterwards the edited weights are back bitwise."""
+    first, second = fake_edit(tiny, 1, seed=1), fake_edit(tiny, 1, seed=2)
+    pristine = weights(tiny)
+    stack = EditStack(tiny)
+    stack.apply(first)
+    assert is_edited(tiny)
+    with applied(tiny, [second]):
+        edited = weights(tiny)
+        assert not same(tiny, pristine)
+        with unedited(tiny):
+            assert same(tiny, pristine)
+        assert same(tiny, edited)
+    stack.undo_all()
+    assert not is_edited(tiny)
+    assert same(tiny, pristine)
+
+
+def test_statistics_never_carry_an_edit(tiny, tmp_path, monkeypatch):
+    """Key statistics asked for in a session that holds an edit equal, bitwise, those computed without it."""
+    from core.covariance import key_statistics
+
+    edit = fake_edit(tiny, 0, seed=3, scale=10.0)  # layer 0: changes the keys of every later layer
+    monkeypatch.setenv("ROME_STUDIO_CACHE", str(tmp_path / "a"))
+    clean = key_statistics(tiny, 1, "generated", 256).mom2.clone()
+    monkeypatch.setenv("ROME_STUDIO_CACHE", str(tmp_path / "b"))
+    with applied(tiny, [edit]):
+        during = key_statistics(tiny, 1, "generated", 256).mom2.clone()
+    assert torch.equal(clean, during)

@@ -12,7 +12,16 @@ import torch
 from core.counterfact import PROJECT_FILE, load_counterfact, parse_cases
 from core.edits import EditRequest
 from core.errors import UserError
-from core.evaluation import FTHyperParams, evaluate, ft_applied, ft_delta, harmonic_mean, ngram_entropy
+from core.evaluation import (
+    FTHyperParams,
+    continuations,
+    evaluate,
+    ft_applied,
+    ft_delta,
+    harmonic_mean,
+    names_object,
+    ngram_entropy,
+)
 from core.rome import RomeHyperParams
 
 SMALL = Path(__file__).parent / "data" / "counterfact_small.json"
@@ -84,6 +93,39 @@ def test_ngram_entropy_and_harmonic_mean():
     assert harmonic_mean([1.0, 0.0, 1.0]) == 0.0
 
 
+def test_names_object_is_a_whole_word_case_insensitive_match():
+    assert names_object(" Rome, Italy.", "Rome")
+    assert names_object("the city of rome", " Rome ")
+    assert names_object("It is in New York.", "New York")
+    assert not names_object(" Romeo and Juliet", "Rome")
+    assert not names_object(" a Roman name", "Rome")
+    assert not names_object("Paris", "")
+    assert names_object("C++ is fast", "C++")
+
+
+def test_text_scores_read_the_continuations(tiny):
+    """Per case: the continuations are kept, generation efficacy is the share of generation + paraphrase
+    texts naming the new object, bleed the share of neighbourhood texts naming it after but not before (the
+    'before' texts are the unedited model's); the summary is the mean over cases."""
+    cases = load_counterfact(SMALL, limit=2)
+    result = evaluate(tiny, cases, "rome", rome=TINY, fluency_tokens=0, text_tokens=4)
+    for case, r in zip(cases, result.cases):
+        own = r.texts["generation"] + r.texts["paraphrase"]
+        assert len(r.texts["generation"]) == len(case.generation_prompts)
+        assert len(r.texts["paraphrase"]) == len(case.paraphrase_prompts)
+        assert r.texts["neighbourhood_before"] == continuations(tiny, case.neighborhood_prompts, 4)
+        assert r.generation_efficacy == pytest.approx(sum(names_object(t, case.target_new) for t in own) / len(own))
+        after, before = r.texts["neighbourhood_after"], r.texts["neighbourhood_before"]
+        newly = [
+            names_object(a, case.target_new) and not names_object(b, case.target_new) for a, b in zip(after, before)
+        ]
+        assert r.generation_bleed == pytest.approx(sum(newly) / len(newly))
+    assert result.generation_efficacy == pytest.approx(sum(r.generation_efficacy for r in result.cases) / 2)
+    assert result.generation_bleed == pytest.approx(sum(r.generation_bleed for r in result.cases) / 2)
+    none = evaluate(tiny, cases, "none", fluency_tokens=0, text_tokens=4)
+    assert none.generation_bleed == 0.0  # the unedited model's texts are its own 'before'
+
+
 def test_ft_respects_the_norm_constraint_and_restores(tiny):
     saved = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
     hp = FTHyperParams(layer=1, steps=5, norm_constraint=1e-3, lr=1e-2)
@@ -107,8 +149,10 @@ def test_evaluate_methods_on_a_tiny_model(tiny, method):
     cases = load_counterfact(SMALL, limit=2)
     result = evaluate(tiny, cases, method, rome=TINY, ft=FTHyperParams(layer=1, steps=3), fluency_tokens=5)
     assert result.n + result.skipped == 2
-    for value in (result.efficacy, result.paraphrase, result.neighborhood):
-        assert 0.0 <= value <= 1.0
+    done = [c for c in result.cases if c.skipped is None]
+    for name in ("efficacy", "paraphrase", "neighborhood"):  # each score is the mean of the cases' scores
+        assert getattr(result, name) == pytest.approx(sum(getattr(c, name) for c in done) / len(done))
+    assert all(c.efficacy == float(c.p_new > c.p_true) for c in done)  # ES: P(new) > P(true) after the edit
     assert result.score == pytest.approx(harmonic_mean([result.efficacy, result.paraphrase, result.neighborhood]))
     assert result.fluency is not None and result.fluency >= 0
     assert len(result.cases) == 2 and result.cases[0].p_new is not None

@@ -3,13 +3,16 @@ embedded model."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from core.covariance import key_statistics, layer_keys
 from core.edits import EditRequest, EditStack, applied
 from core.errors import UserError
-from core.rome import RomeHyperParams, compute_edit, context_texts, validate_request
+from core.evaluation import names_object
+from core.rome import PAPER, RomeHyperParams, compute_edit, context_texts, rank_one_update, validate_request
 
 # small and quick on tiny models: few context texts, a small corpus, the paper's optimiser otherwise
 # (random tiny models cannot be taught a fact: their MLP outputs and unembedding are too small for the
@@ -58,6 +61,45 @@ def test_edit_maps_key_to_value(tiny):
     assert not torch.allclose(before, edit.value, atol=1e-3)
     torch.testing.assert_close(after, edit.value, rtol=1e-4, atol=1e-4 * float(edit.value.abs().max()))
     assert edit.u.shape == (tiny.arch.mlp_out_weight(tiny.model, 1).shape[1],)
+
+
+def test_rank_one_update_is_the_least_change_that_maps_the_key():
+    """W' k = v*, D = W' - W is rank one along C^-1 k*, and no other D with D k = v* - W k moves the keys
+    of C less (tr(D C D^T)); solved at another key k, W' k = v* there."""
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(200, 6, generator=g, dtype=torch.float64) * torch.tensor([3, 2, 1, 1, 0.5, 0.1])
+    c = keys.T @ keys / 200
+    w = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    k_star, v_star = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    u, lam = rank_one_update(c, k_star, v_star, w)
+    d = torch.outer(lam, u)
+    torch.testing.assert_close((w + d) @ k_star, v_star)
+    torch.testing.assert_close(u, torch.linalg.solve(c, k_star))
+    for _ in range(5):  # any other solution: D + E with E k* = 0
+        e = torch.randn(4, 6, generator=g, dtype=torch.float64)
+        e = e - torch.outer(e @ k_star, k_star) / (k_star @ k_star)
+        assert torch.trace((d + e) @ c @ (d + e).T) > torch.trace(d @ c @ d.T)
+    k = torch.randn(6, generator=g, dtype=torch.float64)
+    u2, lam2 = rank_one_update(c, k_star, v_star, w, k)
+    torch.testing.assert_close(u2, u)
+    torch.testing.assert_close((w + torch.outer(lam2, u2)) @ k, v_star)
+
+
+def test_paper_settings_solve_at_the_plain_prompts_key(tiny):
+    """With solve_at="plain" the edit's key is the plain prompt's (not the mean over contexts), W' maps it to
+    the value, and early_stop="none" runs every step."""
+    hp = RomeHyperParams(layer=1, context_lengths=((4, 2),), stats_tokens=512, steps=4, solve_at="plain")
+    plain = compute_edit(tiny, REQUEST, replace(hp, early_stop="none"))
+    mean = compute_edit(tiny, REQUEST, replace(hp, solve_at="mean", early_stop="none"))
+    assert plain.info["steps"] == mean.info["steps"] == 4
+    assert not torch.allclose(plain.key, mean.key)
+    torch.testing.assert_close(plain.u, mean.u)  # u = C^-1 k* either way
+    with applied(tiny, [plain]):
+        after = mlp_out(tiny, plain.layer, plain.key)
+    torch.testing.assert_close(after, plain.value, rtol=1e-4, atol=1e-4 * float(plain.value.abs().max()))
+    assert PAPER.context_lengths == ((5, 10), (10, 10)) and PAPER.early_stop == "loss" and PAPER.solve_at == "plain"
+    for watched in ("nll", "loss"):  # a threshold every loss is under: stop after the first step
+        assert compute_edit(tiny, REQUEST, replace(hp, early_stop=watched, early_stop_loss=1e9)).info["steps"] == 1
 
 
 def test_other_keys_move_least_in_the_inverse_covariance_metric(tiny):
@@ -140,10 +182,12 @@ def test_target_equal_to_the_current_answer_is_refused(tiny):
     assert_bitwise(tiny, saved)
 
 
-def test_context_texts_are_the_models_own_and_seeded(tiny):
+def test_context_texts_are_the_models_own_and_seeded(tiny, request):
+    from core.tiny import tiny_model
+
     first = context_texts(tiny, ((4, 2), (6, 2)), seed=3)
-    tiny.extra.clear()
-    again = context_texts(tiny, ((4, 2), (6, 2)), seed=3)
+    twin = tiny_model(request.node.callspec.params["tiny"], tiny.tokenizer)  # same weights, nothing remembered
+    again = context_texts(twin, ((4, 2), (6, 2)), seed=3)
     assert first == again and first.ids[0] == () and len(first.ids) == 5
     assert [len(ids) for ids in first.ids[1:]] == [6, 6, 8, 8]  # prefix word + sampled tokens + "."
 
@@ -177,6 +221,10 @@ def test_eiffel_tower_moves_to_rome_and_back(embedded, eiffel_edit):
     try:
         assert greedy(embedded, text).startswith(" Rome")
         assert greedy(embedded, "The Louvre is located in the city of").startswith(" Paris")
+        # what a user reads: the model writes the new fact in its own words, not only after the edit prompt
+        for prompt in ("The Eiffel Tower is located in", "Where is the Eiffel Tower? It is in"):
+            assert names_object(greedy(embedded, prompt, tokens=20), "Rome"), prompt
+        assert not names_object(greedy(embedded, "The Louvre is located in", tokens=20), "Rome")
     finally:
         stack.undo(eiffel_edit.id)
     assert_bitwise(embedded, saved)

@@ -38,9 +38,7 @@ from core.sentiment_trace import (
     average_sentiment_trace,
     default_proxy,
     text_token_range,
-    token_categories,
     trace_sentiment,
-    trace_work,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,7 +200,8 @@ def test_evaluate_reports_on_tiny_models(tiny):
     assert probe.as_dict()["confusion_labels"] == list(CLASSES)
     fixed = evaluate(tiny, train, test, proxy="probe", layer=1)
     assert fixed.layer == 1 and fixed.layer_sweep == {}
-    assert 0.0 <= fixed.train_accuracy <= 1.0
+    on_train = evaluate(tiny, train, train, proxy="probe", layer=1)  # the train accuracy is the fit's own score
+    assert fixed.train_accuracy == pytest.approx(on_train.accuracy)
 
 
 def test_evaluate_rejects_bad_options(tiny):
@@ -245,20 +244,6 @@ def test_feature_cache_reuses_reads_and_notices_edits(tiny, tmp_path, monkeypatc
 
 
 # ------------------------------------------------------------------------------------------- trace
-
-
-def test_token_categories_follow_the_paper():
-    groups = token_categories((0, 4), 7)
-    assert groups == {
-        "first corrupted token": [0],
-        "middle corrupted tokens": [1, 2],
-        "last corrupted token": [3],
-        "first token after": [4],
-        "further tokens": [5],
-        "last token": [6],
-    }
-    one = token_categories((2, 3), 6)
-    assert one["first corrupted token"] == one["last corrupted token"] == [2] and one["further tokens"] == [4]
 
 
 def test_text_token_range_excludes_the_suffix(tokenizer, tiny):
@@ -304,11 +289,6 @@ def test_trace_sentiment_bad_input(tiny):
         trace_sentiment(tiny, "The soup was cold.", other)
 
 
-def test_trace_cost_grows_with_the_square_of_the_traced_length():
-    assert trace_work(20, 0, 30, 10) == pytest.approx(4 * trace_work(10, 0, 30, 10), rel=0.15)
-    assert trace_work(20, 10, 30, 10) == trace_work(10, 0, 30, 10)
-
-
 def test_average_trace_by_category(tiny):
     proxy = FeelingProxy.fit(tiny, read_texts(tiny, SHORT), SHORT_LABELS)
     calls = []
@@ -323,8 +303,9 @@ def test_average_trace_by_category(tiny):
     )
     assert average.n + average.skipped == 2 and calls == [1, 2]
     assert average.effects["hidden"].shape == (len(CATEGORIES), tiny.num_layers)
-    layer, category, _ = average.peak("hidden")
-    assert 0 <= layer < tiny.num_layers and category in CATEGORIES
+    layer, category, effect = average.peak("hidden")
+    assert effect == np.nanmax(average.effects["hidden"])
+    assert average.effects["hidden"][CATEGORIES.index(category), layer] == effect
     with pytest.raises(UserError, match="nothing to average"):
         average_sentiment_trace(tiny, ["I love it!"], proxy, kinds=("hidden",), samples=1, min_gap=2.0)
 
@@ -425,7 +406,8 @@ def test_cli_evaluate_and_trace(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["n"] == sum(report["counts"].values()) and report["layer"] == 15
-    assert report["texts_per_second"] > 0 and 0 <= report["accuracy"] <= 1
+    assert report["texts_per_second"] > 0
+    assert report["accuracy"] == pytest.approx(np.trace(np.asarray(report["confusion"])) / report["n"])
     trace_out = tmp_path / "t.json"
     result = _cli(
         "trace", "--text", "What a lovely day!", "--kind", "hidden", "--samples", "1", "--json", str(trace_out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import tempfile
 import threading
@@ -21,15 +22,16 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from core.edits import Edit, EditRequest, applied, export_edits, import_edits
+from core.edits import Edit, EditRequest, Holder, applied, export_edits, import_edits
 from core.errors import UserError
 from core.models import EMBEDDED_MODEL, LoadedModel, load_model
+from core.progress import Progress, Step
 
 MODEL_KEY = "model_name"
 EDITS_KEY = "edits"
 HANDOFF_KEY = "trace_handoff"  # the fact editor's "trace again" -> the trace explorer's inputs
 
-Progress = Callable[[float, str], None]  # (fraction 0..1, text)
+FractionProgress = Callable[[float, str], None]  # (fraction 0..1, text): the trace loop's, until item 8
 
 
 # --- page frame ---------------------------------------------------------------------------------------------
@@ -39,9 +41,43 @@ def page(title: str, icon: str = ":material/search:") -> None:
     st.set_page_config(page_title=f"{title} · ROME Studio", page_icon=icon, layout="wide")
 
 
-def show_error(err: Exception) -> None:
-    """One sentence in a red box; the page goes on."""
-    st.error(str(err), icon=":material/error:")
+def bar_progress(bar, what: str) -> Progress:
+    """A Progress that moves the st.progress `bar`, its text "<what>: <done> of <total>"."""
+
+    def update(done: int, total: int) -> None:
+        bar.progress(min(done / max(total, 1), 1.0), text=f"{what}: {done} of {total}")
+
+    return update
+
+
+LOG = logging.getLogger("rome_studio")
+
+
+def show_cost(estimate: Callable[[], object]) -> UserError | None:
+    """Caption the estimate (a core.budget.TraceCost) of the work a button starts, before it is pressed; returns
+    why the work would be refused (a UserError), or None."""
+    try:
+        cost = estimate()
+    except UserError as err:
+        st.caption(f":material/block: {err}")
+        return err
+    st.caption(f"Estimated cost: {cost.describe()} (rough; results already kept here are instant).")
+    return None
+
+
+def show_error(err: Exception, doing: str = "") -> None:
+    """One sentence in a red box; the page goes on. A UserError says what was wrong with the input; anything
+    else (a bug, a full disk, ...) is named by its type only, its traceback goes to the server log."""
+    if isinstance(err, UserError):
+        st.error(str(err), icon=":material/error:")
+        return
+    LOG.error("unexpected error%s", f" while {doing}" if doing else "", exc_info=err)
+    where = f" while {doing}" if doing else ""
+    st.error(
+        f"Something went wrong{where} ({type(err).__name__}); the details are in the server's log. Nothing was "
+        "changed: try again, or with other input.",
+        icon=":material/error:",
+    )
 
 
 # --- the model ----------------------------------------------------------------------------------------------
@@ -70,8 +106,8 @@ def current_model() -> LoadedModel | None:
     try:
         with st.spinner(f"Loading {name} …"):
             return load(name)
-    except UserError as err:
-        show_error(err)
+    except Exception as err:
+        show_error(err, f"loading {name}")
         return None
 
 
@@ -129,6 +165,43 @@ def edits_from_bytes(data: bytes, lm: LoadedModel, name: str = "upload") -> list
             return import_edits(path, lm)
         except UserError as err:
             raise UserError(str(err).replace(repr(str(path)), repr(name))) from None
+
+
+# --- the model's lock, shared with other sessions ------------------------------------------------------------
+
+
+def session_label() -> str:
+    """A short name of this browser session, shown to the sessions waiting for it."""
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    return f"session {ctx.session_id[:6]}" if ctx is not None else "a session"
+
+
+def session_step(lm: LoadedModel, what: str) -> Step:
+    """Each step of this session's long work: its edits applied under the model's lock (taken per step, so
+    other sessions get their turn in between), noted as `what` for this session. While another session holds
+    the lock, a notice says "busy: <what> for <who>"; the page's Cancel button (a rerun) ends the wait."""
+    edits, who, notice = session_edits(lm), session_label(), []
+
+    def waiting(holder: Holder | None) -> None:
+        if not notice:
+            notice.append(st.empty())
+        text = holder.describe() if holder else "busy: the model is working for another session"
+        notice[0].info(f"{text} · waiting for it; **Cancel** stops waiting", icon=":material/hourglass_top:")
+
+    def step():
+        return applied(lm, edits, what=what, who=who, waiting=waiting)
+
+    return step
+
+
+def cancel_button(key: str):
+    """A Cancel button for the work that follows: pressing it reruns the page, which stops that work (or its
+    wait for the model) at its next progress report. Returns its slot: `.empty()` it when the work is done."""
+    slot = st.empty()
+    slot.button("Cancel", key=key, icon=":material/stop_circle:")
+    return slot
 
 
 # --- inputs -------------------------------------------------------------------------------------------------
@@ -234,7 +307,7 @@ def trace_progressively(
     noise: float | None,
     window: int,
     on_kind: Callable[[object, str], None] | None = None,
-    progress: Progress | None = None,
+    progress: FractionProgress | None = None,
 ):
     """core.tracing's trace (noise None: the library's default scale) with this session's edits, one kind at
     a time, each drawn by `on_kind(result, kind)` as soon as it is done; every kind's table is kept, so asking
@@ -302,12 +375,8 @@ def run_aie(
     if kept is not None:
         return kept
 
-    def tick(done: int, total: int) -> None:
-        if progress:
-            progress(done / max(total, 1), f"fact {done} of {total} traced")
-
-    with applied(lm, session_edits(lm)):
-        result = average_indirect_effect(lm, facts, limit=limit, samples=samples, kinds=kinds, progress=tick)
+    step = session_step(lm, f"averaging {limit} facts")
+    result = average_indirect_effect(lm, facts, limit=limit, samples=samples, kinds=kinds, progress=progress, step=step)
     store().put(key, result)
     return result
 
@@ -317,12 +386,15 @@ def run_aie(
 
 @dataclass
 class Measures:
-    """What the editor shows for one state of the model (before or after an edit)."""
+    """What the editor shows for one state of the model (before or after an edit): the request's
+    probabilities, the greedy text of each generation prompt and whether it names the new object, and each
+    check's probabilities and greedy continuation."""
 
     p_new: float
     p_true: float
-    generations: list[str]
-    checks: list[dict]  # {"check", "prompt", "p_new", "p_true"}
+    generations: list[str]  # prompt + continuation
+    generation_names_new: list[bool]
+    checks: list[dict]  # {"check", "prompt", "p_new", "p_true", "text", "names_new"}
 
 
 def measure(
@@ -331,22 +403,48 @@ def measure(
     request: EditRequest,
     generation_prompts: Sequence[str],
     checks: Sequence[tuple[str, str]],
-    max_new_tokens: int = 30,
+    max_new_tokens: int | None = None,
 ) -> Measures:
-    """P(new), P(true) on the request, greedy text, and each (check, prompt)'s probabilities, with `edits`."""
-    from core.evaluation import target_log_probs
-    from core.generation import GenerationSettings, generate
+    """P(new), P(true) on the request, greedy text (TEXT_TOKENS new tokens by default), and each (check,
+    prompt)'s probabilities and greedy continuation, with `edits`."""
+    from core.evaluation import TEXT_TOKENS, continuations, names_object, target_log_probs
 
     prompts = [request.text] + [prompt for _, prompt in checks]
+    gens = list(generation_prompts)
     with applied(lm, edits):
         new = np.exp(target_log_probs(lm, prompts, [request.target_new] * len(prompts)))
         true = np.exp(target_log_probs(lm, prompts, [request.target_true] * len(prompts)))
-        texts = generate(lm, list(generation_prompts), GenerationSettings(max_new_tokens=max_new_tokens))
+        texts = continuations(lm, gens + prompts[1:], max_new_tokens or TEXT_TOKENS)
     rows = [
-        {"check": check, "prompt": prompt, "p_new": float(new[i + 1]), "p_true": float(true[i + 1])}
+        {
+            "check": check,
+            "prompt": prompt,
+            "p_new": float(new[i + 1]),
+            "p_true": float(true[i + 1]),
+            "text": texts[len(gens) + i],
+            "names_new": names_object(texts[len(gens) + i], request.target_new),
+        }
         for i, (check, prompt) in enumerate(checks)
     ]
-    return Measures(float(new[0]), float(true[0]), texts, rows)
+    return Measures(
+        float(new[0]),
+        float(true[0]),
+        [p + t for p, t in zip(gens, texts)],
+        [names_object(t, request.target_new) for t in texts[: len(gens)]],
+        rows,
+    )
+
+
+def text_summary(before: Measures, after: Measures) -> dict[str, tuple[int, int]]:
+    """(count, of) for the text-level scores of the checks the user typed: the generation prompts and
+    paraphrase checks whose text names the new object after the edit (generation efficacy), and the
+    neighbourhood checks whose text names it after but not before (bleed)."""
+    own = after.generation_names_new + [c["names_new"] for c in after.checks if c["check"] == "paraphrase"]
+    pairs = [(b, a) for b, a in zip(before.checks, after.checks) if a["check"] == "neighbourhood"]
+    return {
+        "efficacy": (sum(own), len(own)),
+        "bleed": (sum(a["names_new"] and not b["names_new"] for b, a in pairs), len(pairs)),
+    }
 
 
 def lines(text: str) -> list[str]:
@@ -376,12 +474,8 @@ def fit_proxy(lm: LoadedModel, data: bytes | None, name: str, progress: Progress
     index = np.arange(len(texts))
     train, test = train_test_split(index, test_size=0.3, random_state=0, stratify=texts.labels)
 
-    def tick(done: int, total: int) -> None:
-        if progress:
-            progress(done / max(total, 1), f"read {done} of {total} texts")
-
-    with applied(lm, session_edits(lm)):
-        report = evaluate(lm, texts.subset(train), texts.subset(test), "feeling", cache=True, progress=tick)
+    with session_step(lm, f"reading {len(texts)} texts")():
+        report = evaluate(lm, texts.subset(train), texts.subset(test), "feeling", cache=True, progress=progress)
     result = (report, FeelingProxy.from_dict(report.reader))
     store().put(key, result)
     return result
@@ -408,11 +502,11 @@ def trace_sentiment_progressively(
         one = store().get(key)
         if one is None:
 
-            def tick(done: int, total: int, k: int = k, kind: str = kind) -> None:
+            def tick(done: int, total: int, k: int = k) -> None:  # token rows of this kind -> of all kinds
                 if progress:
-                    progress((k + done / total) / len(kinds), f"{kind}: token {done} of {total}")
+                    progress(k * total + done, len(kinds) * total)
 
-            with applied(lm, session_edits(lm)):
+            with session_step(lm, f"a sentiment trace ({kind})")():
                 one = trace_sentiment(lm, text, proxy, kinds=[kind], samples=samples, window=window, progress=tick)
             store().put(key, one)
         if merged is None:
@@ -420,8 +514,6 @@ def trace_sentiment_progressively(
         else:
             merged.scores[kind] = one.scores[kind]
             merged.seconds += one.seconds
-        if progress:
-            progress((k + 1) / len(kinds), f"{kind} done")
         if on_kind:
             on_kind(merged, kind)
     return merged

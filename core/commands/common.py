@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +15,31 @@ from core.models import EMBEDDED_MODEL, LoadedModel, load_model
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=EMBEDDED_MODEL, help="Hugging Face id or local folder (default: embedded)")
-    parser.add_argument("--json", dest="json_out", metavar="OUT", help="write the machine-readable result here")
+    parser.add_argument(
+        "--json", dest="json_out", metavar="OUT", type=output_file, help="write the machine-readable result here"
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
     return load_model(args.model, device=args.device)
+
+
+def output_file(text: str) -> str:
+    """An argparse type for a file the command writes at the end: checked before any work is done, so a long
+    run never ends in "cannot write". A missing folder is fine (it is created); an existing folder, or a
+    place that cannot be written, is refused."""
+    path = Path(text).expanduser()
+    if not text.strip() or path.is_dir() or text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder: give a file name")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: the folder {str(existing)!r} is not writable")
+    return text
 
 
 def positive_int(text: str) -> int:

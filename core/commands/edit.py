@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
-from tqdm import tqdm
 
-from core.commands.common import load, positive_int
-from core.covariance import CORPORA, DEFAULT_CORPUS, DEFAULT_TOKENS
+from core.budget import statistics_seconds
+from core.commands.common import load, output_file, positive_int
+from core.commands.progress import progress_bar
+from core.covariance import CORPORA, DEFAULT_CORPUS, DEFAULT_TOKENS, statistics_cached
+from core.edit_site import KEY_TOKENS, default_layer
 from core.edits import EditRequest, applied, export_edits
-from core.evaluation import target_log_probs
+from core.evaluation import names_object, target_log_probs
 from core.generation import MAX_NEW_TOKENS, GenerationSettings, generate
-from core.rome import KEY_TOKENS, RomeHyperParams, compute_edit, validate_request
+from core.rome import RomeHyperParams, compute_edit, validate_request
 from core.saving import check_save_folder, save_edited_model
 
 
@@ -35,7 +38,9 @@ def register(subparsers, add_common_options) -> None:
     parser.add_argument(
         "--stats-tokens", type=positive_int, default=DEFAULT_TOKENS, help="corpus tokens for the statistics"
     )
-    parser.add_argument("--export", metavar="FILE", help="also write the edit (safetensors + JSON metadata)")
+    parser.add_argument(
+        "--export", metavar="FILE", type=output_file, help="also write the edit (safetensors + JSON metadata)"
+    )
     parser.add_argument("--save", metavar="DIR", help="also save the edited model as a Hugging Face folder")
     add_common_options(parser)
     parser.set_defaults(run=run)
@@ -60,13 +65,11 @@ def run(args: argparse.Namespace) -> dict:
 
     p_new_before, p_true_before = probabilities()
     before = generate(lm, args.generate, settings)
-    with tqdm(total=1, desc="edit", unit="step", leave=False) as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
+    layer = default_layer(lm) if hp.layer is None else hp.layer
+    if not statistics_cached(lm, layer, hp.stats_corpus, hp.stats_tokens):
+        seconds = statistics_seconds(lm, hp.stats_tokens)
+        print(f"key statistics for layer {layer} are not cached: about {seconds / 60:.0f} min, once", file=sys.stderr)
+    with progress_bar("edit") as progress:
         edit = compute_edit(lm, request, hp, progress=progress)
     with applied(lm, [edit]):
         p_new_after, p_true_after = probabilities()
@@ -81,8 +84,9 @@ def run(args: argparse.Namespace) -> dict:
     print(f"  p(new)  {p_new_before:.4f} -> {p_new_after:.4f}")
     print(f"  p(true) {p_true_before:.4f} -> {p_true_after:.4f}")
     print(f"  edit {info['seconds']:.1f} s ({info['steps']} steps), statistics {info['stats_seconds']:.1f} s")
-    for b, a in zip(before, after):
-        print(f"  before: {b!r}\n  after:  {a!r}")
+    names_new = [names_object(a[len(p) :], request.target_new) for p, a in zip(args.generate, after)]
+    for b, a, named in zip(before, after, names_new):
+        print(f"  before: {b!r}\n  after:  {a!r}  (names {request.target_new.strip()!r}: {'yes' if named else 'no'})")
     return {
         "model": lm.name,
         "prompt": request.prompt,
@@ -98,6 +102,7 @@ def run(args: argparse.Namespace) -> dict:
         "generate": args.generate,
         "generations_before": before,
         "generations_after": after,
+        "generations_name_new": names_new,
         "seconds": info["seconds"],
         "stats_seconds": info["stats_seconds"],
         "steps": info["steps"],

@@ -1,4 +1,6 @@
-"""`python -m core evaluate`: CounterFact metrics (ES, PS, NS, score, fluency) for none / rome / ft."""
+"""`python -m core evaluate`: CounterFact metrics for none / rome / ft: the teacher-forced ES, PS, NS, score,
+fluency, and what the model writes (generation efficacy, bleed, keeps-true over greedy continuations; the texts
+are in the JSON per case)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ from tqdm import tqdm
 from core.commands.common import load, positive_int
 from core.counterfact import PROJECT_FILE, load_counterfact
 from core.covariance import CORPORA, DEFAULT_CORPUS, DEFAULT_TOKENS
-from core.evaluation import METHODS, FTHyperParams, evaluate
-from core.rome import KEY_TOKENS, RomeHyperParams
+from core.edit_site import KEY_TOKENS
+from core.evaluation import METHODS, TEXT_TOKENS, FTHyperParams, evaluate
+from core.rome import RomeHyperParams
 
 
 def register(subparsers, add_common_options) -> None:
@@ -26,6 +29,12 @@ def register(subparsers, add_common_options) -> None:
     parser.add_argument("--stats-tokens", type=positive_int, default=DEFAULT_TOKENS)
     parser.add_argument(
         "--fluency-tokens", type=int, default=40, help="tokens generated per generation prompt (0: no fluency)"
+    )
+    parser.add_argument(
+        "--text-tokens",
+        type=int,
+        default=TEXT_TOKENS,
+        help="new tokens of the greedy continuations read by the text-level scores (0: no text scores)",
     )
     add_common_options(parser)
     parser.set_defaults(run=run)
@@ -46,13 +55,24 @@ def run(args: argparse.Namespace) -> dict:
             bar.refresh()
 
         result = evaluate(
-            lm, cases, args.method, rome=rome, ft=ft, fluency_tokens=max(0, args.fluency_tokens), progress=progress
+            lm,
+            cases,
+            args.method,
+            rome=rome,
+            ft=ft,
+            fluency_tokens=max(0, args.fluency_tokens),
+            progress=progress,
+            text_tokens=max(0, args.text_tokens),
         )
-    fluency = "-" if result.fluency is None else f"{result.fluency:.3f}"
+
+    def shown(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     print(
         f"{args.method}: n={result.n} (skipped {result.skipped})  ES {result.efficacy:.3f}  "
-        f"PS {result.paraphrase:.3f}  NS {result.neighborhood:.3f}  S {result.score:.3f}  fluency {fluency}  "
-        f"({result.seconds:.0f} s)"
+        f"PS {result.paraphrase:.3f}  NS {result.neighborhood:.3f}  S {result.score:.3f}  "
+        f"generation efficacy {shown(result.generation_efficacy)}  bleed {shown(result.generation_bleed)}  "
+        f"fluency {shown(result.fluency)}  ({result.seconds:.0f} s)"
     )
     out = result.to_json()
     out.update(

@@ -1,15 +1,18 @@
-"""A tqdm bar on stderr as a `progress(done, total)` callback; it appears only once work is reported."""
+"""A tqdm bar on stderr as a `core.progress.Progress` callback; it appears only once work is reported."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from tqdm import tqdm
 
+from core.progress import Progress
+
 
 @contextmanager
-def progress_bar(description: str):
+def progress_bar(description: str) -> Iterator[Progress]:
     bars: list[tqdm] = []
 
     def update(done: int, total: int) -> None:

@@ -4,29 +4,11 @@ sentiment trace of one text."""
 from __future__ import annotations
 
 import argparse
-
-from tqdm import tqdm
+import sys
 
 from core.commands.common import load, positive_int
+from core.commands.progress import progress_bar
 from core.errors import UserError
-
-
-class _Bar:
-    """A tqdm bar driven by progress(done, total) callbacks."""
-
-    def __init__(self, desc: str) -> None:
-        self.desc = desc
-        self.bar: tqdm | None = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            self.bar = tqdm(total=total, desc=self.desc, unit="", leave=False)
-        self.bar.n = done
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _words(text: str) -> tuple[str, str]:
@@ -73,8 +55,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     train = load_labelled(args.train)
     test = load_labelled(args.test)
     lm = load(args)
-    bar = _Bar("reading texts")
-    try:
+    with progress_bar("reading texts") as bar:
         report = evaluate(
             lm,
             train,
@@ -85,8 +66,6 @@ def run_evaluate(args: argparse.Namespace) -> dict:
             cache=not args.no_cache,
             progress=bar,
         )
-    finally:
-        bar.close()
     result = {"model": lm.name, "train": args.train, "test": args.test, **report.as_dict()}
     (tn, fp), (fn, tp) = report.confusion
     speed = f"{report.texts_per_second:.1f} texts/s" if report.texts_per_second else "features from the cache"
@@ -99,20 +78,19 @@ def run_evaluate(args: argparse.Namespace) -> dict:
 
 
 def run_trace(args: argparse.Namespace) -> dict:
+    from core.budget import trace_cost
     from core.sentiment import DEFAULT_WORDS
-    from core.sentiment_trace import MAX_TRACE_TOKENS, default_proxy, trace_sentiment
+    from core.sentiment_trace import MAX_TRACE_TOKENS, default_proxy, text_token_range, trace_sentiment
 
     if not args.text.strip():
         raise UserError("the text is empty")
     lm = load(args)
-    fitting = _Bar("fitting the proxy")
-    try:
+    with progress_bar("fitting the proxy") as fitting:
         proxy = default_proxy(lm, args.train, words=args.words or DEFAULT_WORDS, progress=fitting)
-    finally:
-        fitting.close()
     kinds = ("hidden", "mlp", "attn") if args.kind == "all" else (args.kind,)
-    bar = _Bar("tracing")
-    try:
+    ids, (start, _) = text_token_range(lm, args.text, proxy.suffix)
+    print(f"estimated cost: {trace_cost(lm, len(ids), start, args.samples, len(kinds)).describe()}", file=sys.stderr)
+    with progress_bar("tracing") as bar:
         result = trace_sentiment(
             lm,
             args.text,
@@ -124,8 +102,6 @@ def run_trace(args: argparse.Namespace) -> dict:
             max_tokens=args.max_tokens or MAX_TRACE_TOKENS,
             progress=bar,
         )
-    finally:
-        bar.close()
     for kind in kinds:
         layer, token = result.peak(kind)
         print(

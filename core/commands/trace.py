@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 
+from core.budget import check_trace
 from core.commands.common import load, non_negative_float, positive_int
 from core.commands.progress import progress_bar
+from core.prompts import tokenize
 from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS, trace
 
 
@@ -29,6 +32,9 @@ def register(sub, add_common_options) -> None:
 def run(args: argparse.Namespace) -> dict:
     lm = load(args)
     kinds = list(KINDS) if args.kind == "all" else [args.kind]
+    prompt = tokenize(lm.tokenizer, args.prompt, args.subject)
+    cost = check_trace(lm, len(prompt.input_ids), prompt.subject_range[0], args.samples, len(kinds))
+    print(f"estimated cost: {cost.describe()}", file=sys.stderr)
     with progress_bar(f"tracing ({args.engine})") as progress:
         result = trace(
             lm,

@@ -1,0 +1,91 @@
+"""Caps on long work in a shared server (core.budget): a trace longer than the model's context or over the
+memory cap, statistics over the token cap, a sentiment read over the memory cap: one clear error before the
+work. And the cost estimate shown before it."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from core import aie
+from core.__main__ import main
+from core.budget import check_trace, trace_cost
+from core.covariance import MAX_STATS_TOKENS, key_statistics
+from core.errors import UserError
+from core.facts import Fact
+from core.sentiment import FeelingProxy, read_texts
+from core.sentiment_trace import trace_sentiment
+
+LONG = "The Eiffel Tower, " + "which is very tall and made of iron, " * 8 + "is located in the city of"
+
+
+def test_trace_cost_grows_with_the_square_of_the_traced_length(tiny):
+    ten, twenty = trace_cost(tiny, 10), trace_cost(tiny, 20)
+    assert twenty.block_positions == pytest.approx(4 * ten.block_positions, rel=0.15)
+    assert trace_cost(tiny, 20, corrupt_start=10).block_positions == ten.block_positions  # cells before: free
+    assert twenty.memory_bytes == 2 * ten.memory_bytes
+    assert trace_cost(tiny, 10, kinds=1).memory_bytes * 3 == ten.memory_bytes
+    assert ten.seconds > 0 and "10 tokens, 3 kinds: about" in ten.describe()
+
+
+def test_a_prompt_longer_than_the_context_is_refused(tiny):
+    context = tiny.model.config.to_dict().get("max_position_embeddings") or tiny.model.config.n_positions
+    assert check_trace(tiny, context).tokens == context
+    with pytest.raises(UserError, match=f"reads at most {context}"):
+        check_trace(tiny, context + 1)
+
+
+def test_a_trace_over_the_memory_cap_is_refused(tiny, monkeypatch):
+    monkeypatch.setenv("ROME_STUDIO_MAX_TRACE_MB", "1")
+    per_token = trace_cost(tiny, 1).memory_bytes
+    fits = 2**20 // per_token
+    check_trace(tiny, fits)
+    with pytest.raises(UserError, match="over the 1 MB cap: shorten the prompt"):
+        check_trace(tiny, fits + 1)
+    check_trace(tiny, fits + 1, kinds=1)  # fewer kinds make it affordable
+
+
+def test_the_average_refuses_an_over_long_fact_before_tracing(tiny, monkeypatch):
+    monkeypatch.setenv("ROME_STUDIO_MAX_TRACE_MB", "1")
+    monkeypatch.setattr(aie, "predict", lambda lm, fact: SimpleNamespace(known=True))
+    traced = []
+    monkeypatch.setattr(aie, "trace", lambda *a, **k: traced.append(a))
+    with pytest.raises(UserError, match="the fact .* over the 1 MB cap"):
+        aie.average_indirect_effect(tiny, [Fact("The Eiffel Tower", LONG, "Paris")], samples=10)
+    assert not traced
+
+
+def test_the_sentiment_trace_refuses_over_the_memory_cap(tiny, monkeypatch):
+    texts = ["I love it!", "This is awful.", "Great day", "The bus was late"]
+    proxy = FeelingProxy.fit(tiny, read_texts(tiny, texts), [1, 0, 1, 0])
+    monkeypatch.setenv("ROME_STUDIO_MAX_TRACE_MB", "1")
+    with pytest.raises(UserError, match="MB cap"):
+        trace_sentiment(tiny, LONG[:200], proxy, samples=10, max_tokens=500)
+
+
+def test_statistics_over_the_token_cap_are_refused_at_once(tiny):
+    with pytest.raises(UserError, match=f"over the cap of {MAX_STATS_TOKENS:,}"):
+        key_statistics(tiny, 0, tokens=1_000_000)
+
+
+def test_a_sentiment_read_over_the_memory_cap_is_refused(tiny, monkeypatch):
+    monkeypatch.setenv("ROME_STUDIO_MAX_FEATURES_MB", "1")
+    per_text = (tiny.num_layers + 1) * tiny.hidden_size * 4
+    many = ["I love it!"] * (2**20 // per_text + 1)
+    with pytest.raises(UserError, match="over the 1 MB cap: use at most"):
+        read_texts(tiny, many, layers=range(tiny.num_layers))
+    assert len(read_texts(tiny, many[:3], layers=range(tiny.num_layers)).final) == 3
+
+
+def test_the_command_line_refuses_before_tracing(monkeypatch, capsys):
+    monkeypatch.setenv("ROME_STUDIO_MAX_TRACE_MB", "1")
+    code = main(["trace", "--prompt", "The Eiffel Tower is in", "--subject", "The Eiffel Tower"])
+    err = capsys.readouterr().err
+    assert code == 2 and "MB cap" in err and "Traceback" not in err
+
+
+def test_the_statistics_estimate_grows_with_the_tokens(tiny):
+    from core.budget import statistics_seconds
+
+    assert statistics_seconds(tiny, 2000) == pytest.approx(2 * statistics_seconds(tiny, 1000))
