@@ -35,10 +35,14 @@ class AlphaEditParams:
     code uses an absolute 2e-2 on its models' statistics; the embedded model's layer-3 spectrum (16,384
     generated-text keys) runs from 0.0025 to 0.27 (mean 0.013), where 2e-2 would keep 1,273 of 1,536
     directions, most of them in use; 0.4 x mean (~5e-3) keeps the ~350 weakest, which together carry under
-    10% of the keys' energy. `l2`: weight of ||Delta P||^2 (the paper's identity term)."""
+    10% of the keys' energy. `l2`: weight of ||Delta P||^2 (the paper's identity term, 1 there). Its keys are
+    large; here ||P k*||^2 is ~2, so with 1 the update reaches only ~90% of the wanted change at k* and keeps
+    earlier keys loosely. Sequential edits of data/counterfact_project.json (embedded model, layer 3):
+    l2 = 1: ES/PS/NS over all edits so far 0.80/0.84/0.89 after 15 edits, 0.75/0.84/0.93 after 20;
+    l2 = 0.1: 1.00/0.93/0.90 after 15 (plain ROME: 1.00/0.96/0.88)."""
 
     null_threshold: float = 0.4
-    l2: float = 1.0
+    l2: float = 0.1
 
 
 def null_projector(lm: LoadedModel, layer: int, rome: RomeHyperParams, params: AlphaEditParams) -> torch.Tensor:
