@@ -141,8 +141,9 @@ def test_edit_many_command(tiny, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     result = json.loads(out.read_text())
     assert result["method"] == "memit" and result["n"] + result["skipped"] == 1 and result["layers"] in ([], [0, 1])
-    code = main(["edit-many", "--data", str(data), "--method", "nope"])
-    assert code != 0
+    with pytest.raises(SystemExit) as exit_:  # argparse: one line, exit 2
+        main(["edit-many", "--data", str(data), "--method", "nope"])
+    assert exit_.value.code == 2
     code = main([*args, "--save", str(saved)])  # the folder is taken: refused before any work
     assert code != 0 and "not an empty folder" in capsys.readouterr().err
 

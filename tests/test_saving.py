@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from core.__main__ import main
 from core.edits import EditRequest, applied, export_edits
 from core.errors import UserError
+from core.models import load_model
 from core.rome import RomeHyperParams, compute_edit
 from core.saving import README, save_edited_model
 
@@ -70,6 +71,7 @@ def test_save_refuses_a_folder_in_use(tiny, tmp_path):
 def test_apply_command_saves_exported_edits(tiny, tmp_path, capsys):
     """`apply --edits FILE --model PLAIN_FOLDER --save DIR`: the reloaded folder equals the edited session model."""
     base = save_edited_model(tiny, [], tmp_path / "base")
+    tiny = load_model(str(base), device="cpu")  # edits are made for (and checked against) the model by name
     edits = [compute_edit(tiny, r, TINY) for r in REQUESTS]
     export_edits(edits, tmp_path / "edits.safetensors")
     out = tmp_path / "applied"

@@ -22,9 +22,6 @@ def run(args: argparse.Namespace) -> dict:
     check_save_folder(args.save)
     lm = load(args)
     edits = import_edits(args.edits, lm)
-    others = sorted({e.model for e in edits if e.model and e.model != lm.name})
-    if others:
-        print(f"note: edits made for {', '.join(others)} are applied to {lm.name} (the shapes fit)")
     with progress_bar("save") as progress:
         folder = save_edited_model(lm, edits, args.save, progress=progress)
     print(f"{len(edits)} edit(s) applied to {lm.name}, saved to {folder}")
