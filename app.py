@@ -47,6 +47,13 @@ with right:
         'Fit the "I am feeling" proxy (p(good) vs p(bad) after the text) on labelled texts, then trace any text '
         "with the proxy's probability of *positive* as the restored quantity."
     )
+    st.page_link(
+        "pages/5_Many_edits.py", label="**Many edits** — a batch of facts, and saving", icon=":material/library_add:"
+    )
+    st.markdown(
+        "Upload a table of facts and edit them all in one MEMIT update, see each one's before/after, undo the "
+        "batch; save the model with this session's edits as a Hugging Face folder."
+    )
     st.caption("Everything shown here can be reproduced with the command line: `python -m core --help`.")
 
 with left:

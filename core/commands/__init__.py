@@ -11,4 +11,6 @@ COMMAND_MODULES = [
     "core.commands.edit",
     "core.commands.evaluate",
     "core.commands.sentiment",
+    "core.commands.apply",
+    "core.commands.many",
 ]

@@ -16,6 +16,7 @@ from core.edits import EditRequest, applied, export_edits
 from core.evaluation import names_object, target_log_probs
 from core.generation import MAX_NEW_TOKENS, GenerationSettings, generate
 from core.rome import RomeHyperParams, compute_edit, validate_request
+from core.saving import check_save_folder, save_edited_model
 
 
 def register(subparsers, add_common_options) -> None:
@@ -40,6 +41,7 @@ def register(subparsers, add_common_options) -> None:
     parser.add_argument(
         "--export", metavar="FILE", type=output_file, help="also write the edit (safetensors + JSON metadata)"
     )
+    parser.add_argument("--save", metavar="DIR", help="also save the edited model as a Hugging Face folder")
     add_common_options(parser)
     parser.set_defaults(run=run)
 
@@ -54,6 +56,8 @@ def run(args: argparse.Namespace) -> dict:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, sample=args.sample, seed=args.seed)
     settings.check()
     request = validate_request(lm, request)  # before any work: bad input never half-edits
+    if args.save:
+        check_save_folder(args.save)
 
     def probabilities() -> tuple[float, float]:
         lp = target_log_probs(lm, [request.text] * 2, [request.target_new, request.target_true])
@@ -72,6 +76,9 @@ def run(args: argparse.Namespace) -> dict:
         after = generate(lm, args.generate, settings)
     if args.export:
         export_edits([edit], args.export)
+    if args.save:
+        save_edited_model(lm, [edit], args.save)
+        print(f"  edited model saved to {args.save}")
     info = edit.info
     print(f"{request.text!r}: {request.target_true!r} -> {request.target_new.strip()!r} at layer {edit.layer}")
     print(f"  p(new)  {p_new_before:.4f} -> {p_new_after:.4f}")
@@ -102,4 +109,5 @@ def run(args: argparse.Namespace) -> dict:
         "losses": info["losses"],
         "edit_id": edit.id,
         "exported": args.export,
+        "saved": args.save,
     }

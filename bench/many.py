@@ -1,0 +1,155 @@
+"""Many edits: plain sequential ROME, the projected editor (AlphaEdit) and one MEMIT batch, side by side.
+
+    PYTHONPATH=. python bench/many.py table [--limit N] [--json OUT]          # all three on the project's set
+    PYTHONPATH=. python bench/many.py curve --limit 1000 --every 50 [--json OUT]   # ROME vs AlphaEdit, known facts
+    PYTHONPATH=. python bench/many.py show A.json B.json ...                  # the table of `edit-many --json` files
+    PYTHONPATH=. python bench/many.py replay EDITS.safetensors --limit N      # re-measure exported edits, all applied
+
+`table` runs `core.many.edit_many` for each method on data/counterfact_project.json (all edits applied, then
+measured). `curve` builds sequential edits from data/known_facts.json (each fact's object replaced by the
+next different object of the same relation; neighbourhood prompts: other facts of the relation with the same
+true object) and prints the curve of ROME and AlphaEdit: efficacy of all edits so far, neighbourhood,
+fluency, norm of the accumulated update. The file has 409 facts: `--limit` above that cycles through them
+again with the object after that (re-editing edited facts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from core.commands.common import to_jsonable
+from core.counterfact import PROJECT_FILE, CounterFactCase, load_counterfact
+from core.edits import applied, import_edits
+from core.facts import DEFAULT_FACTS, load_facts
+from core.many import ManyParams, edit_many, generation_efficacy, score_cases, update_norm
+from core.models import load_model
+from core.prompts import find_subject_chars
+
+COLUMNS = (
+    "method",
+    "n",
+    "efficacy",
+    "paraphrase",
+    "neighborhood",
+    "generation_efficacy",
+    "fluency",
+    "fluency_unedited",
+    "update_norm",
+    "edit_seconds",
+    "seconds",
+)
+
+
+def known_fact_cases(path: str | Path = DEFAULT_FACTS, limit: int = 1000) -> list[CounterFactCase]:
+    """CounterFact-style cases from a facts file (see the module docstring)."""
+    facts = load_facts(path)
+    by_relation: dict[str, list] = {}
+    for fact in facts:
+        by_relation.setdefault(fact.relation, []).append(fact)
+    cases = []
+    for round_ in range(-(-limit // len(facts))):
+        for i, fact in enumerate(facts):
+            peers = by_relation[fact.relation]
+            objects = sorted({p.attribute for p in peers} - {fact.attribute})
+            if not objects:
+                continue
+            new = objects[(i + round_) % len(objects)]
+            start, end = find_subject_chars(fact.prompt, fact.subject)
+            neighbours = tuple(p.prompt for p in peers if p is not fact and p.attribute == fact.attribute)[:3]
+            cases.append(
+                CounterFactCase(
+                    case_id=f"{round_}-{i}",
+                    prompt=fact.prompt[:start] + "{}" + fact.prompt[end:],
+                    subject=fact.subject,
+                    target_new=new,
+                    target_true=fact.attribute,
+                    relation_id=fact.relation,
+                    paraphrase_prompts=(),
+                    neighborhood_prompts=neighbours,
+                    attribute_prompts=(),
+                    generation_prompts=(f"{fact.subject} is",),
+                )
+            )
+    return cases[:limit]
+
+
+def print_table(rows: list[dict]) -> None:
+    print(" | ".join(f"{c:>13}" for c in COLUMNS))
+    for row in rows:
+        cells = []
+        for c in COLUMNS:
+            v = row.get(c)
+            cells.append(f"{v:>13.3f}" if isinstance(v, float) else f"{str(v):>13}")
+        print(" | ".join(cells))
+
+
+def print_curves(results: dict[str, dict]) -> None:
+    for method, result in results.items():
+        print(f"\n{method}: edits, ES, PS, NS, fluency, update norm, seconds")
+        for p in result["curve"]:
+            flu = "-" if p["fluency"] is None else f"{p['fluency']:.3f}"
+            print(
+                f"  {p['edits']:>5} {p['efficacy']:.3f} {p['paraphrase']:.3f} {p['neighborhood']:.3f} {flu} "
+                f"{p['update_norm']:.2f} {p['seconds']:.0f}"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=("table", "curve", "show", "replay"))
+    parser.add_argument("files", nargs="*", help="show: edit-many JSON files; replay: one exported edits file")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--every", type=int, default=10, help="a curve point after every N edits")
+    parser.add_argument("--methods", default=None, help="comma-separated (default: all of the mode)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", dest="json_out")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.mode == "show":
+        results = {}
+        for name in args.files:
+            data = json.loads(Path(name).read_text())
+            results[data["method"]] = data
+        print_table(list(results.values()))
+        print_curves(results)
+        return
+    lm = load_model(device="cpu")
+    if args.mode == "replay":
+        cases = load_counterfact(PROJECT_FILE, args.limit)
+        edits = import_edits(args.files[0], lm)
+        edited = {e.request.subject for e in edits}
+        cases = [c for c in cases if c.subject in edited]
+        with applied(lm, edits):
+            scores = score_cases(lm, cases).means()
+            scores["generation_efficacy"] = generation_efficacy(lm, cases)
+        scores.update({"edits": len(edits), "cases": len(cases), "update_norm": update_norm(edits)})
+        print(json.dumps(scores, indent=1))
+        return
+    if args.mode == "table":
+        cases = load_counterfact(PROJECT_FILE, args.limit)
+        methods = (args.methods or "rome,alphaedit,memit").split(",")
+    else:
+        cases = known_fact_cases(limit=args.limit or 1000)
+        methods = (args.methods or "rome,alphaedit").split(",")
+    results = {}
+    for method in methods:
+        params = ManyParams(method=method, curve_every=args.every)
+        result, _ = edit_many(lm, cases, params, on_point=lambda p, m=method: print(m, p, flush=True))
+        results[method] = to_jsonable(result.to_json())
+    print_table(list(results.values()))
+    print_curves(results)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

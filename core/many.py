@@ -1,0 +1,290 @@
+"""Many edits on one model, measured: sequential (ROME, AlphaEdit) or one batch (MEMIT).
+
+Sequential: each edit is computed on the model that already carries the earlier ones, as a user does in the
+app. After every `curve_every` edits, the scores over *all* edits so far (efficacy, paraphrase,
+neighbourhood; core.evaluation's definitions), fluency on a fixed sample of generation prompts and the norm
+of the accumulated update make one point of the `curve`. At the end every score is measured over all
+edits, fluency over every case's generation prompts, next to the unedited model's fluency on the same
+prompts and seeds.
+
+The model is left as it was (bitwise); the edits come back in the result, ready for core.saving or export.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from core.alphaedit import AlphaEditor, AlphaEditParams
+from core.counterfact import CounterFactCase
+from core.edits import Edit, EditRequest, EditStack
+from core.errors import UserError
+from core.evaluation import continuations, names_object, ngram_entropy, target_log_probs
+from core.generation import GenerationSettings, generate
+from core.memit import MemitParams, memit_batch
+from core.models import LoadedModel
+from core.progress import Progress
+from core.rome import RomeHyperParams, compute_edit, validate_request
+
+METHODS = ("rome", "alphaedit", "memit")
+SEQUENTIAL = ("rome", "alphaedit")
+
+
+@dataclass(frozen=True)
+class ManyParams:
+    method: str = "rome"
+    rome: RomeHyperParams = field(default_factory=RomeHyperParams)
+    alphaedit: AlphaEditParams = field(default_factory=AlphaEditParams)
+    memit: MemitParams = field(default_factory=MemitParams)
+    curve_every: int = 10  # a curve point after every this many edits (and after the last)
+    curve_fluency_cases: int = 10  # fluency at curve points: the generation prompts of the first N cases
+    fluency_tokens: int = 40  # tokens sampled per generation prompt (0: no fluency)
+    text_scores: bool = True  # generation efficacy (greedy continuations) at every curve point and at the end
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.curve_every < 1:
+            raise UserError(f"curve points need at least 1 edit between them (got {self.curve_every})")
+
+
+@dataclass
+class Scores:
+    """Scores over a set of cases with the model as it is; per-case lists in case order."""
+
+    efficacy: list[float]
+    paraphrase: list[float]
+    neighborhood: list[float]
+
+    def means(self) -> dict[str, float]:
+        return {k: float(np.mean(v)) if v else math.nan for k, v in asdict(self).items()}
+
+
+@dataclass
+class CurvePoint:
+    edits: int  # edits applied so far (skipped cases not counted)
+    cases: int  # cases seen so far
+    efficacy: float
+    paraphrase: float
+    neighborhood: float
+    generation_efficacy: float | None
+    fluency: float | None
+    update_norm: float  # Frobenius norm of the accumulated change of all edited matrices
+    seconds: float  # since the start
+
+
+@dataclass
+class ManyResult:
+    method: str
+    n: int  # edits applied
+    skipped: int
+    efficacy: float
+    paraphrase: float
+    neighborhood: float
+    generation_efficacy: float | None
+    fluency: float | None
+    fluency_unedited: float | None
+    update_norm: float
+    seconds: float  # the whole run, measurements included
+    edit_seconds: float  # computing and applying the edits only
+    curve: list[CurvePoint] = field(default_factory=list)
+    skipped_cases: list[dict] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def request_of(case: CounterFactCase) -> EditRequest:
+    return EditRequest(case.prompt, case.subject, case.target_new, case.target_true)
+
+
+def cases_from_requests(lm: LoadedModel, requests: Sequence[EditRequest]) -> list[CounterFactCase]:
+    """Cases of plain requests (a CSV/JSON table): no paraphrase, neighbourhood or generation prompts, so only
+    efficacy is scored; a missing old object is the model's answer (core.rome.validate_request)."""
+    cases = []
+    for i, request in enumerate(requests):
+        if not request.target_true:
+            request = validate_request(lm, request)
+        cases.append(
+            CounterFactCase(
+                i, request.prompt, request.subject, request.target_new, request.target_true, "", (), (), (), ()
+            )
+        )
+    return cases
+
+
+def score_cases(lm: LoadedModel, cases: Sequence[CounterFactCase]) -> Scores:
+    """ES / PS / NS of each case (core.evaluation's definitions) with the model as it is, every prompt of
+    every case in one batched pass per target."""
+    prompts, new, true, spans = [], [], [], []
+    for case in cases:
+        start = len(prompts)
+        case_prompts = [case.text, *case.paraphrase_prompts, *case.neighborhood_prompts]
+        prompts += case_prompts
+        new += [case.target_new] * len(case_prompts)
+        true += [case.target_true] * len(case_prompts)
+        spans.append((start, 1 + len(case.paraphrase_prompts), len(case_prompts)))
+    if not prompts:
+        return Scores([], [], [])
+    lp = target_log_probs(lm, prompts * 2, new + true)
+    lp_new, lp_true = lp[: len(prompts)], lp[len(prompts) :]
+    es, ps, ns = [], [], []
+    for start, para_end, size in spans:
+        n, t = lp_new[start : start + size], lp_true[start : start + size]
+        es.append(float(n[0] > t[0]))
+        ps.append(float(np.mean(n[1:para_end] > t[1:para_end])) if para_end > 1 else math.nan)
+        ns.append(float(np.mean(t[para_end:] > n[para_end:])) if size > para_end else math.nan)
+    return Scores(es, [p for p in ps if not math.isnan(p)], [x for x in ns if not math.isnan(x)])
+
+
+def fluency(lm: LoadedModel, cases: Sequence[CounterFactCase], tokens: int, seed: int = 0, batch: int = 32) -> float:
+    """Mean n-gram entropy (core.evaluation.ngram_entropy) of text sampled (top-k 5, seeded per chunk) after
+    every generation prompt of `cases`; the same prompts and seeds give the same text on the same model."""
+    prompts = [p for case in cases for p in case.generation_prompts]
+    if not prompts or tokens <= 0:
+        return math.nan
+    texts = []
+    for i, first in enumerate(range(0, len(prompts), batch)):
+        settings = GenerationSettings(max_new_tokens=tokens, sample=True, seed=seed + i, top_k=5)
+        texts += generate(lm, prompts[first : first + batch], settings)
+    return float(np.mean([ngram_entropy(t) for t in texts]))
+
+
+def generation_efficacy(lm: LoadedModel, cases: Sequence[CounterFactCase]) -> float:
+    """Share of greedy continuations of every case's generation and paraphrase prompts that name its new
+    object (core.evaluation's text-level score), mean per case then over cases; one batched generation."""
+    prompts, owners = [], []
+    for i, case in enumerate(cases):
+        for prompt in (*case.generation_prompts, *case.paraphrase_prompts):
+            prompts.append(prompt)
+            owners.append(i)
+    if not prompts:
+        return math.nan
+    texts = [t for first in range(0, len(prompts), 64) for t in continuations(lm, prompts[first : first + 64])]
+    per_case: dict[int, list[bool]] = {}
+    for i, text in zip(owners, texts):
+        per_case.setdefault(i, []).append(names_object(text, cases[i].target_new))
+    return float(np.mean([np.mean(v) for v in per_case.values()]))
+
+
+def update_norm(edits: Sequence[Edit]) -> float:
+    """Frobenius norm of the summed change of every edited matrix."""
+    total: dict[int, torch.Tensor] = {}
+    for edit in edits:
+        delta = edit.delta().float()
+        total[edit.layer] = total[edit.layer] + delta if edit.layer in total else delta
+    return float(math.sqrt(sum(float(d.norm()) ** 2 for d in total.values())))
+
+
+class _Curve:
+    """Measures curve points and the final scores; knows which cases were applied."""
+
+    def __init__(self, lm: LoadedModel, cases: Sequence[CounterFactCase], params: ManyParams, started: float, report):
+        self.lm, self.cases, self.params, self.started, self.report = lm, cases, params, started, report
+        self.sample = list(cases[: params.curve_fluency_cases])
+        self.points: list[CurvePoint] = []
+
+    def point(self, applied_cases: Sequence[CounterFactCase], seen: int, edits: Sequence[Edit]) -> CurvePoint:
+        means = score_cases(self.lm, applied_cases).means()
+        gen = generation_efficacy(self.lm, applied_cases) if self.params.text_scores else math.nan
+        flu = fluency(self.lm, self.sample, self.params.fluency_tokens, self.params.seed)
+        point = CurvePoint(
+            edits=len(edits),
+            cases=seen,
+            efficacy=means["efficacy"],
+            paraphrase=means["paraphrase"],
+            neighborhood=means["neighborhood"],
+            generation_efficacy=None if math.isnan(gen) else gen,
+            fluency=None if math.isnan(flu) else flu,
+            update_norm=update_norm(edits),
+            seconds=time.perf_counter() - self.started,
+        )
+        self.points.append(point)
+        if self.report:
+            self.report(point)
+        return point
+
+
+def edit_many(
+    lm: LoadedModel,
+    cases: Sequence[CounterFactCase],
+    params: ManyParams | None = None,
+    progress: Progress | None = None,
+    on_point: Callable[[CurvePoint], None] | None = None,
+) -> tuple[ManyResult, list[Edit]]:
+    """Apply every case's edit with `params.method` (see the module docstring), measure, put the model back.
+    Cases the model cannot be edited for (e.g. it already answers the new object) are skipped and listed.
+    `on_point` is called with each curve point as soon as it is measured."""
+    params = params or ManyParams()
+    params.check()
+    if not cases:
+        raise UserError("there are no cases to edit")
+    started = time.perf_counter()
+    flu_unedited = fluency(lm, cases, params.fluency_tokens, params.seed)
+    curve = _Curve(lm, cases, params, started, on_point)
+    stack = EditStack(lm)
+    applied_cases: list[CounterFactCase] = []
+    skipped: list[dict] = []
+    edit_seconds = 0.0
+    tick = progress or (lambda done, total: None)
+    try:
+        if params.method in SEQUENTIAL:
+            editor = AlphaEditor(lm, params.rome, params.alphaedit) if params.method == "alphaedit" else None
+            for i, case in enumerate(cases):
+                t0 = time.perf_counter()
+                try:
+                    edit = (
+                        editor.compute(request_of(case)) if editor else compute_edit(lm, request_of(case), params.rome)
+                    )
+                except UserError as err:  # e.g. the model (as edited so far) already answers the new object
+                    skipped.append({"case_id": case.case_id, "reason": str(err)})
+                else:
+                    edit.info.setdefault("method", params.method)
+                    stack.apply(edit)
+                    if editor:
+                        editor.remember(edit)
+                    applied_cases.append(case)
+                edit_seconds += time.perf_counter() - t0
+                if (i + 1) % params.curve_every == 0 or i + 1 == len(cases):
+                    curve.point(applied_cases, i + 1, stack.edits)
+                tick(i + 1, len(cases))
+        else:
+            t0 = time.perf_counter()
+            batch = memit_batch(lm, [request_of(c) for c in cases], params.rome, params.memit, progress=tick)
+            for edit in batch.edits:
+                stack.apply(edit)
+            applied_cases = [cases[i] for i in batch.kept]
+            skipped = [{"case_id": cases[i].case_id, "reason": why} for i, why in batch.skipped]
+            edit_seconds = time.perf_counter() - t0
+            curve.point(applied_cases, len(cases), stack.edits)
+        final = score_cases(lm, applied_cases).means()
+        gen = generation_efficacy(lm, applied_cases) if params.text_scores else math.nan
+        flu = fluency(lm, cases, params.fluency_tokens, params.seed)
+        edits = list(stack.edits)
+    finally:
+        stack.undo_all()
+    result = ManyResult(
+        method=params.method,
+        n=len(applied_cases),
+        skipped=len(skipped),
+        efficacy=final["efficacy"],
+        paraphrase=final["paraphrase"],
+        neighborhood=final["neighborhood"],
+        generation_efficacy=None if math.isnan(gen) else gen,
+        fluency=None if math.isnan(flu) else flu,
+        fluency_unedited=None if math.isnan(flu_unedited) else flu_unedited,
+        update_norm=update_norm(edits),
+        seconds=time.perf_counter() - started,
+        edit_seconds=edit_seconds,
+        curve=curve.points,
+        skipped_cases=skipped,
+        layers=sorted({e.layer for e in edits}),
+    )
+    return result, edits

@@ -1,0 +1,132 @@
+"""Many edits: a batch of facts in one MEMIT update (core.memit), each fact's before/after, undo of the batch;
+and saving the model with this session's edits as a Hugging Face folder (core.saving)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from core.edits import EditRequest, applied
+from core.errors import UserError
+from core.evaluation import target_log_probs
+from core.memit import MemitParams, default_layers, memit_batch
+from core.requests import COLUMNS, read_requests
+from core.saving import save_edited_model
+from ui.common import add_edits, current_model, model_caption, page, remove_edit, session_edits, show_error
+
+BATCH_KEY = "memit_batch"
+EXAMPLE = pd.DataFrame(
+    [
+        {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"},
+        {"prompt": "The capital of {} is", "subject": "Germany", "target_new": "Madrid"},
+        {"prompt": "{} can be found in the city of", "subject": "The Colosseum", "target_new": "London"},
+    ],
+    columns=list(COLUMNS[:3]),
+)
+
+page("Many edits", ":material/library_add:")
+st.title("Many edits")
+st.markdown(
+    "Edit **many facts in one update** with MEMIT: the change is spread over a range of MLP layers, each solved "
+    "against the keys the layer already stores. The batch joins this session's edits (nobody else sees it) and "
+    "can be undone as a whole. Then take the edited model away as a Hugging Face folder."
+)
+
+lm = current_model()
+if lm is None:
+    st.stop()
+model_caption(lm)
+state = st.session_state
+
+
+def probabilities(edits, requests: list[EditRequest]) -> tuple[np.ndarray, np.ndarray]:
+    texts = [r.text for r in requests]
+    with applied(lm, edits):
+        new = np.exp(target_log_probs(lm, texts, [r.target_new for r in requests]))
+        true = np.exp(target_log_probs(lm, texts, [r.target_true for r in requests]))
+    return new, true
+
+
+st.subheader("Batch of facts (MEMIT)")
+upload = st.file_uploader(
+    "A table of facts: CSV with columns prompt, subject, target_new (optional target_true), or JSON "
+    "(a list of such objects, or CounterFact records)",
+    type=["csv", "json"],
+    key="memit_upload",
+)
+table = st.data_editor(EXAMPLE, num_rows="dynamic", key="memit_table", width="stretch")
+layers = default_layers(lm)
+st.caption(
+    f"Layers {layers[0]}-{layers[-1]}: each needs its key statistics once (a corpus pass per layer, cached on disk)."
+)
+if st.button("Edit the batch", key="memit_run", type="primary"):
+    bar = st.progress(0.0, text="Starting …")
+    try:
+        if upload is not None:
+            requests = read_requests(upload.getvalue(), upload.name)
+        else:
+            requests = read_requests(table.to_csv(index=False).encode(), "the table")
+        current = session_edits(lm)
+        with applied(lm, current):  # the batch is computed on the model as this session has it
+
+            def progress(done: int, total: int) -> None:
+                bar.progress(min(done / max(total, 1), 1.0), text=f"MEMIT {done}/{total}")
+
+            batch = memit_batch(lm, requests, params=MemitParams(layers=layers), progress=progress)
+        kept = batch.requests
+        before = probabilities(current, kept)
+        after = probabilities(current + batch.edits, kept)
+        add_edits(batch.edits)
+        state[BATCH_KEY] = {
+            "ids": [e.id for e in batch.edits],
+            "rows": [
+                {
+                    "fact": r.text,
+                    "old": r.target_true,
+                    "new": r.target_new,
+                    "p(new) before": before[0][i],
+                    "p(new) after": after[0][i],
+                    "p(old) before": before[1][i],
+                    "p(old) after": after[1][i],
+                    "edited": "yes" if after[0][i] > after[1][i] else "no",
+                }
+                for i, r in enumerate(kept)
+            ],
+            "skipped": [f"{requests[i].text!r}: {why}" for i, why in batch.skipped],
+        }
+        bar.empty()
+    except UserError as err:
+        bar.empty()
+        show_error(err)
+
+batch_state = state.get(BATCH_KEY)
+if batch_state and set(batch_state["ids"]) <= {e.id for e in session_edits(lm)}:
+    st.dataframe(pd.DataFrame(batch_state["rows"]), hide_index=True, width="stretch")
+    for line in batch_state["skipped"]:
+        st.caption(f"Skipped {line}")
+    if st.button(f"Undo the batch ({len(batch_state['rows'])} facts)", key="memit_undo"):
+        for edit_id in batch_state["ids"]:
+            remove_edit(edit_id)
+        state.pop(BATCH_KEY)
+        st.rerun()
+
+st.divider()
+st.subheader("Save the edited model")
+edits = session_edits(lm)
+st.caption(
+    f"Writes the model with this session's {len(edits)} edit(s) applied (safetensors, config, tokenizer, a README "
+    "listing the edits) to a new folder on the machine running ROME Studio; "
+    "`AutoModelForCausalLM.from_pretrained(folder)` loads it."
+)
+c1, c2 = st.columns([5, 1])
+folder = c1.text_input("Folder", "edited-model", key="save_folder", label_visibility="collapsed")
+if c2.button("Save", key="save_run", disabled=not edits):
+    bar = st.progress(0.0, text="Saving …")
+    try:
+        saved = save_edited_model(lm, edits, folder, progress=lambda done, total: bar.progress(done / total))
+        bar.empty()
+        st.success(f"Saved {len(edits)} edit(s) to {saved.resolve()}")
+    except (UserError, OSError) as err:
+        bar.empty()
+        show_error(err)

@@ -1,0 +1,167 @@
+"""Many edits: the AlphaEdit and MEMIT solves against their naive matrix formulas, sequential and batch editing
+on tiny models of every family (scores, curve, bitwise restore), and the `edit-many` command's JSON contract."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from core.__main__ import main
+from core.alphaedit import AlphaEditParams, null_projector, projected_update
+from core.counterfact import PROJECT_FILE, load_counterfact
+from core.covariance import key_statistics
+from core.edits import EditRequest, applied
+from core.errors import UserError
+from core.many import ManyParams, edit_many, score_cases, update_norm
+from core.memit import MemitParams
+from core.requests import read_requests
+from core.rome import RomeHyperParams
+from core.saving import save_edited_model
+
+TINY = RomeHyperParams(layer=1, context_lengths=((4, 2),), stats_tokens=512, steps=3)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("ROME_STUDIO_CACHE", str(tmp_path_factory.getbasetemp() / "rome-cache"))
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return load_counterfact(PROJECT_FILE, 4)
+
+
+def weights(lm):
+    return {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+
+
+def test_projected_update_is_the_papers_formula():
+    """Delta = r k^T P (Kp Kp^T P + k k^T P + I)^-1 (AlphaEdit eq. 14), written out with a matrix inverse."""
+    torch.manual_seed(0)
+    d, out = 12, 5
+    basis, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    projector = basis[:, :4] @ basis[:, :4].T
+    k, r, kp = (
+        torch.randn(d, dtype=torch.float64),
+        torch.randn(out, dtype=torch.float64),
+        3 * torch.randn(3, d).double(),
+    )
+    naive = (
+        torch.outer(r, k)
+        @ projector
+        @ torch.linalg.inv(kp.T @ kp @ projector + torch.outer(k, k) @ projector + torch.eye(d, dtype=torch.float64))
+    )
+    u = projected_update(k.float(), r.float(), projector.float(), kp.float(), l2=1.0)
+    torch.testing.assert_close(torch.outer(r.float(), u), naive.float(), atol=1e-4, rtol=1e-4)
+    # the update only moves keys through the null space: a key orthogonal to it is left alone
+    preserved = basis[:, 6].float()
+    assert abs(float(u @ preserved)) < 1e-5
+    # earlier keys in the constraint keep their outputs far better than without them
+    u_free = projected_update(k.float(), r.float(), projector.float(), kp[:0].float(), l2=1.0)
+    assert (u @ kp.T.float()).norm() < 0.5 * (u_free @ kp.T.float()).norm()
+
+
+def test_null_projector_is_a_projector_onto_the_weak_keys(tiny):
+    params = AlphaEditParams()
+    p = null_projector(tiny, 1, TINY, params).double()
+    torch.testing.assert_close(p @ p, p, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(p, p.T)
+    mom2 = key_statistics(tiny, 1, TINY.stats_corpus, TINY.stats_tokens).mom2.double()
+    values = torch.linalg.eigvalsh(mom2)
+    dimension = int((values < params.null_threshold * values.mean()).sum())
+    assert 0 < dimension < mom2.shape[0] and round(float(p.trace())) == dimension
+    # the keys' energy inside the null space is at most dimension x threshold x mean eigenvalue
+    assert float((p @ mom2).trace()) <= dimension * params.null_threshold * float(values.mean()) + 1e-9
+
+
+@pytest.mark.parametrize("method", ["rome", "alphaedit", "memit"])
+def test_edit_many_on_tiny_models(tiny, cases, method):
+    before = weights(tiny)
+    params = ManyParams(
+        method=method, rome=TINY, curve_every=2, fluency_tokens=5, memit=MemitParams(layers=(1, 2), mom2_weight=10.0)
+    )
+    points = []
+    result, edits = edit_many(tiny, cases, params, on_point=points.append)
+    assert all(torch.equal(p, before[n]) for n, p in tiny.model.named_parameters())  # put back bitwise
+    assert result.method == method and result.n + result.skipped == len(cases) and result.n > 0
+    if method == "memit":
+        assert len(edits) == 2 * result.n and result.layers == [1, 2] and len(result.curve) == 1
+    else:
+        assert len(edits) == result.n and result.layers == [1]
+        assert [p.cases for p in result.curve] == [2, 4] and points == result.curve
+        assert result.curve[0].update_norm <= result.curve[-1].update_norm + 1e-6
+    assert result.update_norm == pytest.approx(update_norm(edits)) and result.update_norm > 0
+    with applied(tiny, edits):  # the returned edits are the measured state
+        means = score_cases(tiny, cases[: result.n] if not result.skipped else cases).means()
+    if not result.skipped:
+        assert means["efficacy"] == pytest.approx(result.efficacy)
+        assert means["neighborhood"] == pytest.approx(result.neighborhood)
+    for value in (result.efficacy, result.paraphrase, result.neighborhood):
+        assert 0.0 <= value <= 1.0
+    assert result.fluency is not None and result.fluency_unedited is not None
+    assert 0.0 <= result.generation_efficacy <= 1.0
+    assert all(p.generation_efficacy is not None for p in result.curve)
+
+
+def test_memit_update_is_the_least_squares_solution(tiny, cases):
+    """Each layer's summed edits equal R K^T (lambda C + K K^T)^-1 with the batch's own keys and residuals."""
+    params = ManyParams(method="memit", rome=TINY, fluency_tokens=0, memit=MemitParams(layers=(1, 2), mom2_weight=10.0))
+    _, edits = edit_many(tiny, cases, params)
+    for layer in (1, 2):
+        mine = [e for e in edits if e.layer == layer]
+        keys = torch.stack([e.key for e in mine]).double()
+        residual = torch.stack([e.v for e in mine]).double()
+        c = key_statistics(tiny, layer, TINY.stats_corpus, TINY.stats_tokens).mom2.double()
+        naive = residual.T @ keys @ torch.linalg.inv(10.0 * c + keys.T @ keys)
+        summed = sum(e.delta().double() for e in mine)
+        torch.testing.assert_close(summed, naive, atol=1e-4, rtol=1e-3)
+
+
+def test_edit_many_command(tiny, tmp_path, capsys):
+    folder = save_edited_model(tiny, [], tmp_path / "base")
+    data = tmp_path / "cases.json"
+    data.write_text(json.dumps(json.loads(PROJECT_FILE.read_text())[:2]))
+    out, saved = tmp_path / "many.json", tmp_path / "edited"
+    args = ["edit-many", "--data", str(data), "--method", "alphaedit", "--model", str(folder), "--layer", "1"]
+    code = main([*args, "--curve-every", "1", "--fluency-tokens", "4", "--save", str(saved), "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    for key in ("n", "method", "efficacy", "paraphrase", "neighborhood", "generation_efficacy", "fluency", "seconds"):
+        assert key in result
+    assert result["method"] == "alphaedit" and len(result["curve"]) == 2
+    assert {"efficacy", "neighborhood", "fluency", "update_norm"} <= set(result["curve"][0])
+    assert AutoModelForCausalLM.from_pretrained(saved) is not None and (saved / "README.md").is_file()
+    table = tmp_path / "facts.csv"
+    table.write_text("prompt,subject,target_new\n{} is located in the city of,The Eiffel Tower,Rome\n")
+    out = tmp_path / "memit.json"
+    code = main(["edit-many", "--data", str(table), "--method", "memit", "--model", str(folder), "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert result["method"] == "memit" and result["n"] + result["skipped"] == 1 and result["layers"] in ([], [0, 1])
+    with pytest.raises(SystemExit) as exit_:  # argparse: one line, exit 2
+        main(["edit-many", "--data", str(data), "--method", "nope"])
+    assert exit_.value.code == 2
+    code = main([*args, "--save", str(saved)])  # the folder is taken: refused before any work
+    assert code != 0 and "not an empty folder" in capsys.readouterr().err
+
+
+def test_read_requests_csv_json_and_counterfact():
+    csv = b"prompt,subject,target_new,target_true\n{} is located in the city of,The Eiffel Tower,Rome,Paris\n"
+    csv += b"The capital of {} is,Germany,Madrid,\n"
+    assert read_requests(csv, "facts.csv") == [
+        EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris"),
+        EditRequest("The capital of {} is", "Germany", "Madrid", None),
+    ]
+    plain = b'[{"prompt": "The capital of {} is", "subject": "Germany", "target": "Madrid"}]'
+    assert read_requests(plain, "facts.json") == [EditRequest("The capital of {} is", "Germany", "Madrid")]
+    cf = read_requests(PROJECT_FILE.read_bytes(), "cf.json")
+    assert len(cf) == 94 and cf[0] == EditRequest("{} is located in the city of", "The Eiffel Tower", "London", "Paris")
+    with pytest.raises(UserError, match="row 2 lacks a text 'subject'"):
+        read_requests(b"prompt,subject,target_new\n{} is in,A,B\n{} is in,,C\n", "t.csv")
+    with pytest.raises(UserError, match="not valid JSON"):
+        read_requests(b"[{", "t.json")
+    with pytest.raises(UserError, match="no requests"):
+        read_requests(b"[]", "t.json")

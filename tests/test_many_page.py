@@ -1,0 +1,45 @@
+"""The Many edits page on the embedded model: a MEMIT batch from the table, each fact's before/after as the
+library computes it, undo of the batch, and saving the session's edits as a folder plain transformers loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+from transformers import AutoModelForCausalLM
+
+from ui import common
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = "pages/5_Many_edits.py"
+
+pytestmark = pytest.mark.slow
+
+
+def open_page() -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=900).run()
+    at.switch_page(PAGE).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_batch_undo_and_save(tmp_path):
+    at = open_page()
+    assert not at.error and at.title[0].value == "Many edits"
+    at.button(key="memit_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    rows = at.dataframe[0].value
+    assert len(rows) == 3 and list(rows["new"]) == ["Rome", "Madrid", "London"]
+    assert (rows["p(new) after"] > rows["p(new) before"]).all()
+    assert (rows["edited"] == "yes").sum() >= 2
+    edits = at.session_state[common.EDITS_KEY]
+    assert len(edits) == 3 * 4 and {e.layer for e in edits} == {2, 3, 4, 5}  # 3 facts x layers 2-5
+    folder = tmp_path / "edited"
+    at.text_input(key="save_folder").set_value(str(folder)).run()
+    at.button(key="save_run").click().run()
+    assert not at.error and "Saved 12 edit(s)" in at.success[0].value
+    assert (folder / "README.md").read_text().count("| memit |") == 12
+    assert AutoModelForCausalLM.from_pretrained(folder) is not None
+    at.button(key="memit_undo").click().run()
+    assert at.session_state[common.EDITS_KEY] == [] and not at.dataframe
