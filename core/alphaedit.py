@@ -18,6 +18,7 @@ P is symmetric), so it is stored as an ordinary `Edit` (core.edits): apply, undo
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -45,10 +46,13 @@ class AlphaEditParams:
     l2: float = 0.1
 
 
+_PROJECTORS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
 def null_projector(lm: LoadedModel, layer: int, rome: RomeHyperParams, params: AlphaEditParams) -> torch.Tensor:
     """P (in, in), float32: the projector onto the eigenvectors of the layer's key second moment whose
     eigenvalue is below `params.null_threshold`; cached on the model."""
-    memo = lm.extra.setdefault("alphaedit_projectors", {})
+    memo = _PROJECTORS.setdefault(lm.model, {})
     key = (layer, rome.stats_corpus, rome.stats_tokens, params.null_threshold)
     if key not in memo:
         mom2 = key_statistics(lm, layer, rome.stats_corpus, rome.stats_tokens).mom2.double()

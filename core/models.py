@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
@@ -45,7 +45,6 @@ class LoadedModel:
     arch: Architecture
     load_seconds: float
     source: str  # "gguf" (de-quantised now), "cache" (embedded, from the safetensors cache) or "hub/local"
-    extra: dict = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
