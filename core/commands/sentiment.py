@@ -4,10 +4,11 @@ sentiment trace of one text."""
 from __future__ import annotations
 
 import argparse
+import time
 
 from tqdm import tqdm
 
-from core.commands.common import load, positive_int
+from core.commands.common import load, non_negative_int, positive_int
 from core.errors import UserError
 
 
@@ -61,7 +62,18 @@ def register(subparsers, add_common_options) -> None:
     tr.add_argument("--samples", type=positive_int, default=10)
     tr.add_argument("--window", type=positive_int, default=10)
     tr.add_argument(
-        "--max-tokens", type=positive_int, default=None, help="refuse longer prompts (cost grows with length)"
+        "--max-tokens",
+        type=positive_int,
+        default=None,
+        help="refuse longer prompts (default 48 for the exact engines, whose cost grows with the square of the "
+        "length; the estimate is limited only by the model's context and memory)",
+    )
+    tr.add_argument("--engine", choices=("fast", "naive", "estimate"), default="fast")
+    tr.add_argument(
+        "--verify",
+        type=non_negative_int,
+        default=0,
+        help="estimate engine: compute this many of its strongest cells per kind exactly",
     )
     add_common_options(tr)
     tr.set_defaults(run=run_trace)
@@ -99,8 +111,10 @@ def run_evaluate(args: argparse.Namespace) -> dict:
 
 
 def run_trace(args: argparse.Namespace) -> dict:
+    from core.commands.trace import forecast
     from core.sentiment import DEFAULT_WORDS
-    from core.sentiment_trace import MAX_TRACE_TOKENS, default_proxy, trace_sentiment
+    from core.sentiment_trace import as_sentiment_trace, default_proxy, sentiment_setup
+    from core.tracing import trace_setup
 
     if not args.text.strip():
         raise UserError("the text is empty")
@@ -111,26 +125,41 @@ def run_trace(args: argparse.Namespace) -> dict:
     finally:
         fitting.close()
     kinds = ("hidden", "mlp", "attn") if args.kind == "all" else (args.kind,)
-    bar = _Bar("tracing")
+    if args.verify and args.engine != "estimate":
+        raise UserError("--verify goes with --engine estimate")
+    started = time.perf_counter()
+    setup, text_range = sentiment_setup(
+        lm,
+        args.text,
+        proxy,
+        span=args.span,
+        samples=args.samples,
+        window=args.window,
+        engine=args.engine,
+        max_tokens=args.max_tokens,
+    )
+    forecast(setup, args.engine, kinds)
+    bar = _Bar(f"tracing ({args.engine})")
     try:
-        result = trace_sentiment(
-            lm,
-            args.text,
-            proxy,
-            span=args.span,
+        traced = trace_setup(
+            setup,
             kinds=kinds,
-            samples=args.samples,
-            window=args.window,
-            max_tokens=args.max_tokens or MAX_TRACE_TOKENS,
+            engine_name=args.engine,
+            engine_options={"verify": args.verify} if args.engine == "estimate" else None,
             progress=bar,
+            started=started,
         )
     finally:
         bar.close()
+    result = as_sentiment_trace(traced, args.text, text_range, proxy)
     for kind in kinds:
         layer, token = result.peak(kind)
         print(
             f"{kind}: strongest restoration at layer {layer}, token {result.tokens[token]!r} "
             f"(p(positive) {result.scores[kind][token, layer]:.3f})"
         )
-    print(f"clean p(positive) {result.clean_score:.3f}, corrupted {result.corrupted_score:.3f}, {result.seconds:.1f} s")
+    print(
+        f"clean p(positive) {result.clean_score:.3f}, corrupted {result.corrupted_score:.3f}, {result.seconds:.1f} s "
+        f"({args.engine})"
+    )
     return {"model": lm.name, **result.as_dict()}
