@@ -139,3 +139,23 @@ def test_embedded_estimate_finds_the_exact_peak_region(embedded):
     assert np.argmax(e.max(axis=1)) == np.argmax(x.max(axis=1))
     peak = np.unravel_index(np.argmax(e), e.shape)
     assert x[peak] > 0.5 * x.max()
+
+
+def test_cost_forecast_and_memory_limit(tokenizer):
+    from core.errors import UserError
+    from core.tiny import tiny_model
+    from core.trace_cost import check_estimate_fits, engine_macs, estimate_memory_bytes, estimated_seconds
+
+    lm = tiny_model("gpt2", tokenizer)
+    fast = engine_macs(lm, "fast", 12, 0, 10, 10, ("hidden",))
+    assert engine_macs(lm, "naive", 12, 0, 10, 10, ("hidden",)) > fast > engine_macs(lm, "estimate", 12, 0, 10, 10, ())
+    assert engine_macs(lm, "fast", 12, 6, 10, 10, ("hidden",)) < fast  # cells before the span are free
+    setup = prepare(lm, PROMPT, SUBJECT, samples=2)
+    assert setup.forward_seconds > 0
+    assert estimated_seconds(setup, "naive", KINDS) > estimated_seconds(setup, "fast", KINDS) > 0
+    assert estimate_memory_bytes(lm, 40, 10) > estimate_memory_bytes(lm, 20, 10)
+    check_estimate_fits(lm, 100, 10)
+    with pytest.raises(UserError, match="reads at most 128"):
+        check_estimate_fits(lm, 129, 10)
+    with pytest.raises(UserError, match="GiB"):
+        check_estimate_fits(lm, 128, 10**9)

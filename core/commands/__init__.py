@@ -11,4 +11,5 @@ COMMAND_MODULES = [
     "core.commands.edit",
     "core.commands.evaluate",
     "core.commands.sentiment",
+    "core.commands.sweep",
 ]
