@@ -32,7 +32,8 @@ import numpy as np  # noqa: E402
 TWEETS = ROOT.parent / "shared" / "data" / "tweeteval_sentiment" / "dev.tsv"
 LONG_TEXT = (
     "The new phone arrived two days late, the box was dented and the charger was missing, but the screen is "
-    "bright, the battery lasts all day and the camera takes lovely photos in the evening light"
+    "bright, the battery lasts all day, the camera takes lovely photos in the evening light and the speakers are "
+    "loud enough for a small room"
 )
 
 
@@ -58,12 +59,12 @@ def agreement(setup, estimate: np.ndarray, exact: np.ndarray, top: int = 10) -> 
     }
 
 
-def fact_cases(lm, n: int) -> list[tuple[str, str]]:
+def fact_cases(lm, n: int, first: int = 40) -> list[tuple[str, str]]:
     from core.trace_setup import prepare
 
     records = json.loads((ROOT / "data" / "known_facts.json").read_text())
     cases = []
-    for record in records[40:]:
+    for record in records[first:]:
         if len(cases) >= n:
             break
         setup = prepare(lm, record["prompt"], record["subject"], samples=1)
@@ -165,32 +166,42 @@ def timing(lm, proxy, kinds: tuple[str, ...], repeats: int = 2) -> dict:
 
     words = LONG_TEXT.split()
     text = LONG_TEXT
-    while len(text_token_range(lm, text, proxy.suffix)[0]) > 48:
+    while len(text_token_range(lm, text, proxy.suffix)[0]) > 48:  # the longest prefix of whole words <= 48 tokens
         words = words[:-1]
         text = " ".join(words)
     tokens = len(text_token_range(lm, text, proxy.suffix)[0])
-    best = float("inf")
+    best, cpu = float("inf"), float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         setup, _ = sentiment_setup(lm, text, proxy, engine="estimate")
         gradients = record_gradients(setup, kinds)
         for kind in kinds:
             estimate_table(setup, gradients, kind)
-        best = min(best, time.perf_counter() - t)
+        best, cpu = min(best, time.perf_counter() - t), min(cpu, time.process_time() - c)
     forecast = estimated_seconds(setup, "fast", kinds)
+    load = os.getloadavg()[0]
     print(
-        f"48-token timing: a {tokens}-token prompt, estimate of {', '.join(kinds)}: {best:.2f} s (best of {repeats}); "
-        f"the exact engine's forecast: {forecast:.0f} s"
+        f"48-token timing: a {tokens}-token prompt, estimate of {', '.join(kinds)}: {best:.2f} s wall, {cpu:.2f} s CPU "
+        f"(best of {repeats}, {os.cpu_count()} cores, load average {load:.1f}); the exact engine's forecast: "
+        f"{forecast:.0f} s"
     )
-    return {"tokens": tokens, "estimate_seconds": best, "exact_forecast_seconds": forecast}
+    return {
+        "tokens": tokens,
+        "estimate_seconds": best,
+        "estimate_cpu_seconds": cpu,
+        "load_average": load,
+        "exact_forecast_seconds": forecast,
+    }
 
 
 def summary(rows: list[dict]) -> dict:
     out = {}
     for reading in dict.fromkeys(r["reading"] for r in rows):
         for kind in dict.fromkeys(r["kind"] for r in rows):
-            for group in ("fact", "tweet"):
-                mine = [r for r in rows if r["reading"] == reading and r["kind"] == kind and r["group"] == group]
+            for group in ("fact", "tweet", "all"):
+                mine = [
+                    r for r in rows if r["reading"] == reading and r["kind"] == kind and group in (r["group"], "all")
+                ]
                 if not mine:
                     continue
                 out[f"{group}/{kind}/{reading}"] = {
@@ -210,6 +221,10 @@ def main() -> None:
     parser.add_argument("--facts", type=int, default=4)
     parser.add_argument("--tweets", type=int, default=4)
     parser.add_argument("--max-tweet-tokens", type=int, default=16, help="with the suffix (exact cost ~ length^2)")
+    parser.add_argument("--first-fact", type=int, default=40, help="facts are taken from this record on")
+    parser.add_argument(
+        "--samples", type=int, default=10, help="noisy copies (the exact engine's cost is linear in it)"
+    )
     parser.add_argument("--verify", type=int, default=10, help="cells per kind the hybrid computes exactly")
     parser.add_argument("--kinds", default="hidden,mlp,attn")
     parser.add_argument("--json", dest="json_out")
@@ -233,13 +248,13 @@ def main() -> None:
             Path(args.json_out).write_text(json.dumps({"rows": rows, "summary": summary(rows), **more}, indent=1))
 
     print(f"facts ({args.facts}):", flush=True)
-    for prompt, subject in fact_cases(lm, args.facts):
-        for row in measure(prepare(lm, prompt, subject), prompt, kinds, args.verify):
+    for prompt, subject in fact_cases(lm, args.facts, args.first_fact):
+        for row in measure(prepare(lm, prompt, subject, samples=args.samples), prompt, kinds, args.verify):
             rows.append({**row, "group": "fact"})
         save()
     print(f"tweets ({args.tweets}):", flush=True)
     for text in tweet_cases(lm, proxy, args.tweets, args.max_tweet_tokens):
-        setup, _ = sentiment_setup(lm, text, proxy)
+        setup, _ = sentiment_setup(lm, text, proxy, samples=args.samples)
         for row in measure(setup, text, kinds, args.verify):
             rows.append({**row, "group": "tweet"})
         save()

@@ -19,7 +19,8 @@ Two readings of the terms (`SPACES`):
 Cells before the corrupted span equal the low score, exactly (no noise reaches them).
 
 Optionally the estimate's `verify` strongest cells per kind are then computed exactly with the fast engine
-(core/fast_tracing.py) and replace the estimate there; `exact` marks them. That is a hybrid: the marked
+(core/fast_tracing.py) and replace the estimate there, repeated while unverified cells enter the top `verify`
+(at most 3 x `verify` cells); `exact` marks them. That is a hybrid: the marked
 cells are exact, the others an estimate. bench/estimate.py measures how far the tables agree with the exact
 ones (rank correlation, peaks, top-10 overlap); DESIGN.md and the README carry the numbers.
 """
@@ -51,6 +52,7 @@ class Gradients:
     seconds: float
     verify: int = 0
     exact: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> (tokens, layers) bool: verified cells
+    runs: object = None  # the fast engine's recorded runs, once verification needs them
 
 
 def default_space(setup: TraceSetup) -> str:
@@ -164,10 +166,19 @@ def estimate_kind(
     if gradients.verify > 0:
         from core.fast_tracing import fast_cells, record_runs
 
-        cells = strongest_cells(setup, table, gradients.verify)
-        for cell, value in fast_cells(setup, kind, cells, record_runs(setup, (kind,))).items():
-            table[cell] = value
-            exact[cell] = True
+        if gradients.runs is None:
+            gradients.runs = record_runs(setup, tuple(gradients.terms))
+        # verify the k strongest cells; where an exact value falls below an unverified estimate, the table's
+        # top k then holds unverified cells: verify those too, until its top k are all exact (at most 3k cells)
+        budget = 3 * gradients.verify
+        while budget > 0:
+            cells = [c for c in strongest_cells(setup, table, gradients.verify) if not exact[c]][:budget]
+            if not cells:
+                break
+            for cell, value in fast_cells(setup, kind, cells, gradients.runs).items():
+                table[cell] = value
+                exact[cell] = True
+            budget -= len(cells)
     gradients.exact[kind] = exact
     if on_row:
         for position in range(setup.corrupt_range[0], setup.num_tokens):

@@ -115,12 +115,13 @@ def test_verified_cells_are_exact(tiny):
         table = estimate_kind(setup, kind, gradients=gradients)
         exact = fast_kind(setup, kind)
         marked = gradients.exact[kind]
-        assert marked[setup.corrupt_range[0] :].sum() == 4
+        assert 4 <= marked[setup.corrupt_range[0] :].sum() <= 12
         np.testing.assert_allclose(table[marked], exact[marked], atol=1e-4)
         plain = estimate_table(setup, gradients, kind)
-        assert set(strongest_cells(setup, plain, 4)) == {
-            tuple(c) for c in np.argwhere(marked[setup.corrupt_range[0] :]) + [setup.corrupt_range[0], 0]
-        }
+        verified = {tuple(c) for c in np.argwhere(marked[setup.corrupt_range[0] :]) + [setup.corrupt_range[0], 0]}
+        assert set(strongest_cells(setup, plain, 4)) <= verified
+        if marked[setup.corrupt_range[0] :].sum() < 12:  # budget left: the table's top 4 are all exact
+            assert set(strongest_cells(setup, table, 4)) <= verified
 
 
 # ---- the embedded model ------------------------------------------------------------------------------
