@@ -18,7 +18,7 @@ block join the batch there, so every block runs once per position on all the cel
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -27,7 +27,7 @@ import torch
 
 from core.forward import PrefixCache, final_logits, record_kv, run_blocks, slice_prefix
 from core.hooks import Hooks
-from core.tracing import Progress, TraceSetup, _add_noise_hook, window_layers
+from core.trace_setup import Progress, TraceSetup, add_noise_hook, window_layers
 
 
 @dataclass
@@ -49,7 +49,7 @@ def record_runs(setup: TraceSetup, kinds: tuple[str, ...] = ("hidden", "mlp", "a
     with torch.no_grad():
         with Hooks(lm.model, record=[n for kind in kinds for n in names[kind]]) as clean:
             lm.model(input_ids=ids, use_cache=False)
-        edits = {lm.arch.embed: _add_noise_hook(setup, first_row=0)}
+        edits = {lm.arch.embed: add_noise_hook(setup, first_row=0)}
         with Hooks(lm.model, edit=edits, record=blocks, record_inputs=blocks) as corrupted:
             out = lm.model(input_ids=ids.repeat(setup.samples, 1), use_cache=True)
     cache = getattr(out, "cache", None) or out.past_key_values
@@ -102,24 +102,29 @@ def _scores_of(setup: TraceSetup, states: torch.Tensor, cells: int) -> np.ndarra
     return setup.metric(logits).reshape(cells, setup.samples).mean(dim=1).double().cpu().numpy()
 
 
-def hidden_row(setup: TraceSetup, runs: RecordedRuns, position: int) -> np.ndarray:
-    """Scores of all cells (position, l): block l's output restored at `position`."""
+def hidden_row(setup: TraceSetup, runs: RecordedRuns, position: int, layers: Sequence[int] | None = None) -> np.ndarray:
+    """Scores of the cells (position, l) for l in `layers` (default all): block l's output restored at
+    `position`."""
     lm = setup.lm
-    layers = lm.num_layers
+    num_layers = lm.num_layers
+    chosen = sorted(set(range(num_layers) if layers is None else layers))
     prefix = slice_prefix(runs.kv, position)
     clean = runs.clean_outputs["hidden"]
     states = None
-    for layer in range(layers):
-        joining = runs.block_outputs[layer][:, position:].clone()
-        joining[:, 0] = clean[layer][0, position]
-        states = joining if states is None else torch.cat([states, joining])
-        if layer + 1 < layers:
-            cells = layer + 1
+    cells = 0
+    wanted = set(chosen)
+    for layer in range(chosen[0], num_layers):
+        if layer in wanted:
+            joining = runs.block_outputs[layer][:, position:].clone()
+            joining[:, 0] = clean[layer][0, position]
+            states = joining if states is None else torch.cat([states, joining])
+            cells += 1
+        if layer + 1 < num_layers:
             with mlp_only_where(setup, layer + 1):
                 states = run_blocks(
                     lm, states, layer + 1, layer + 2, position, PrefixCache(prefix, repeat=cells) if position else None
                 )
-    return _scores_of(setup, states, layers)
+    return _scores_of(setup, states, cells)
 
 
 @dataclass
@@ -161,15 +166,18 @@ def _start_unit(
     return _Unit(cells, torch.cat([here, later], dim=1))
 
 
-def window_row(setup: TraceSetup, runs: RecordedRuns, position: int, kind: str) -> np.ndarray:
-    """Scores of all cells (position, l): the `kind` module's output restored at `position` in every layer of
-    l's window.
+def window_row(
+    setup: TraceSetup, runs: RecordedRuns, position: int, kind: str, cells_layers: Sequence[int] | None = None
+) -> np.ndarray:
+    """Scores of the cells (position, l) for l in `cells_layers` (default all, the others are left 0): the `kind`
+    module's output restored at `position` in every layer of l's window.
 
     Cells are computed in units: cells whose windows start at the same layer share their states until the
     first layer where their windows part, and are computed once up to there."""
     lm = setup.lm
     layers = lm.num_layers
     windows = [window_layers(layer, setup.window, layers) for layer in range(layers)]
+    chosen = range(layers) if cells_layers is None else sorted(set(cells_layers))
     prefix = slice_prefix(runs.kv, position)
     samples = setup.samples
     units: list[_Unit] = []
@@ -188,7 +196,7 @@ def window_row(setup: TraceSetup, runs: RecordedRuns, position: int, kind: str) 
             )
             for u, part in zip(units, states.split(samples)):
                 u.states = part
-        starting = [cell for cell in range(layers) if windows[cell].start == block]
+        starting = [cell for cell in chosen if windows[cell].start == block]
         if starting:
             units.append(_start_unit(setup, runs, prefix, position, kind, block, starting))
     scores = _scores_of(setup, torch.cat([u.states for u in units]), len(units))
@@ -199,9 +207,14 @@ def window_row(setup: TraceSetup, runs: RecordedRuns, position: int, kind: str) 
 
 
 def fast_kind(
-    setup: TraceSetup, kind: str, progress: Progress | None = None, runs: RecordedRuns | None = None
+    setup: TraceSetup,
+    kind: str,
+    progress: Progress | None = None,
+    runs: RecordedRuns | None = None,
+    on_row: Callable[[int, np.ndarray], None] | None = None,
 ) -> np.ndarray:
-    """The (tokens, layers) table for `kind`, equal to the naive engine's to float precision."""
+    """The (tokens, layers) table for `kind`, equal to the naive engine's to float precision.
+    on_row(position, row) is called with each finished row."""
     lm = setup.lm
     tokens, layers = setup.num_tokens, lm.num_layers
     runs = runs or record_runs(setup, (kind,))
@@ -214,6 +227,33 @@ def fast_kind(
                     table[position] = hidden_row(setup, runs, position)
                 else:
                     table[position] = window_row(setup, runs, position, kind)
+                if on_row:
+                    on_row(position, table[position])
             if progress:
                 progress(position + 1, tokens)
     return table
+
+
+def fast_cells(
+    setup: TraceSetup, kind: str, cells: Sequence[tuple[int, int]], runs: RecordedRuns | None = None
+) -> dict[tuple[int, int], float]:
+    """The exact scores of some cells (position, layer) of `kind`, computing only those cells."""
+    runs = runs or record_runs(setup, (kind,))
+    by_position: dict[int, list[int]] = {}
+    for position, layer in cells:
+        by_position.setdefault(int(position), []).append(int(layer))
+    first = setup.corrupt_range[0]
+    out: dict[tuple[int, int], float] = {}
+    with torch.no_grad():
+        for position, layers in sorted(by_position.items()):
+            layers = sorted(set(layers))
+            if position < first:
+                out.update({(position, layer): setup.low_score for layer in layers})
+                continue
+            if kind == "hidden":
+                values = hidden_row(setup, runs, position, layers)
+                out.update({(position, layer): float(v) for layer, v in zip(layers, values)})
+            else:
+                row = window_row(setup, runs, position, kind, layers)
+                out.update({(position, layer): float(row[layer]) for layer in layers})
+    return out

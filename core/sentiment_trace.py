@@ -4,18 +4,25 @@ proxy's probability of the positive class as the metric.
 The prompt is text + " I am feeling"; the text's tokens (or a chosen span of them) get the noise, and each
 (token, layer) state is restored as in fact tracing. The tables hold the restored p(positive).
 
-Cost (core.budget.trace_cost gives the estimate before running): it grows with the square of the traced
-length (cells before the corrupted span are free). `max_tokens` (default MAX_TRACE_TOKENS) refuses longer
-prompts with a clear error, as does core.budget.check_trace a trace over the memory cap; corrupting a span near
-the end, fewer samples or fewer kinds make a long text affordable.
+Cost. Tracing a prompt of T tokens whose corrupted part starts at token s, with L layers and `samples` noisy
+copies, costs in the fast engine about samples x (T - s)^2 / 2 x L^2 / 2 block-position evaluations per kind:
+it grows with the square of the traced length (cells before the span are free). A 12-token prompt on the
+embedded model is ~40 k block-positions per kind at 10 samples; 36 tokens ~9 x that. `max_tokens` (default
+MAX_TRACE_TOKENS) refuses longer prompts with a clear error; corrupting a span near the end, fewer samples or
+fewer kinds make a long text affordable. core.budget.trace_cost gives the estimate before running, and
+core.budget.check_trace refuses one over the memory cap (core/trace_cost.py gives the seconds).
+
+The estimate engine (core/estimate_tracing.py) costs one forward + backward whatever the length: it has no
+such cap, only the model's context and the memory its backward needs (core/trace_cost.check_estimate_fits).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,9 +45,11 @@ from core.sentiment import (
     project_texts_path,
     word_ids,
 )
-from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS, trace
+from core.trace_cost import check_estimate_fits
+from core.trace_setup import TraceSetup, prepare, probability_metric
+from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS, TraceResult, get_engine, trace_setup
 
-MAX_TRACE_TOKENS = 48  # prompt tokens (text + suffix) a trace accepts by default
+MAX_TRACE_TOKENS = 48  # prompt tokens (text + suffix) an exact engine accepts by default
 CATEGORIES = (
     "first corrupted token",
     "middle corrupted tokens",
@@ -68,6 +77,8 @@ class SentimentTrace:
     noise: float
     seconds: float
     proxy: dict = field(default_factory=dict)
+    engine: str = "fast"
+    exact: dict[str, np.ndarray] = field(default_factory=dict)  # estimate engine: kind -> cells computed exactly
 
     @property
     def direction(self) -> float:
@@ -109,6 +120,7 @@ class SentimentTrace:
             "window": self.window,
             "noise": self.noise,
             "seconds": self.seconds,
+            "engine": self.engine,
             "proxy": self.proxy,
             "scores": {kind: table.tolist() for kind, table in self.scores.items()},
         }
@@ -125,31 +137,37 @@ def text_token_range(lm: LoadedModel, text: str, suffix: str = DEFAULT_SUFFIX) -
         raise UserError("the text has no tokens of its own") from None
 
 
-def trace_sentiment(
+def sentiment_setup(
     lm: LoadedModel,
     text: str,
     proxy: FeelingProxy,
     *,
     span: str | tuple[int, int] | None = None,
-    kinds: Sequence[str] = KINDS,
     samples: int = DEFAULT_SAMPLES,
     noise: float | None = None,
     window: int = DEFAULT_WINDOW,
-    max_tokens: int = MAX_TRACE_TOKENS,
-    progress: Progress | None = None,
-) -> SentimentTrace:
-    """Trace `text` + proxy suffix with the proxy's p(positive) as the metric; the noise goes on the whole
-    text, or on `span` (a substring of the text, or a [start, end) token range of the text)."""
+    engine: str = "fast",
+    max_tokens: int | None = None,
+) -> tuple[TraceSetup, tuple[int, int]]:
+    """The trace setup of `text` + proxy suffix (the proxy's p(positive) as the metric) and the text's token
+    range. The noise goes on the whole text, or on `span` (a substring of the text, or a [start, end) token
+    range of the text). Exact engines refuse prompts over `max_tokens` (default MAX_TRACE_TOKENS); the estimate
+    only those beyond the model's context or the free memory (or over `max_tokens` when given)."""
     if not text or not text.strip():
         raise UserError("the text is empty")
     if proxy.model_name != lm.name:
         raise UserError(f"the proxy was fitted for {proxy.model_name}, not for {lm.name}")
+    exact = get_engine(engine).exact
     ids, text_range = text_token_range(lm, text, proxy.suffix)
-    if len(ids) > max_tokens:
+    cap = max_tokens if max_tokens is not None else (MAX_TRACE_TOKENS if exact else None)
+    if cap is not None and len(ids) > cap:
+        hint = " or use the estimate engine" if exact else ""
         raise UserError(
-            f"the text is {len(ids)} tokens with the suffix; the sentiment trace is capped at {max_tokens} (its "
-            f"cost grows with the square of the length): shorten the text or raise the cap"
+            f"the text is {len(ids)} tokens with the suffix; the sentiment trace is capped at {cap} (an exact "
+            f"trace's cost grows with the square of the length): shorten the text, raise the cap{hint}"
         )
+    if not exact:
+        check_estimate_fits(lm, len(ids), samples)
     prompt = make_prompt(text, proxy.suffix)
     if span is None:
         corrupt = text_range
@@ -164,35 +182,83 @@ def trace_sentiment(
         corrupt = (int(span[0]), int(span[1]))
         if not text_range[0] <= corrupt[0] < corrupt[1] <= text_range[1]:
             raise UserError(f"the span {tuple(span)} is not a token range inside the text's {text_range[1]} tokens")
-    check_trace(lm, len(ids), corrupt[0], samples, len(kinds))
-    result = trace(
+    setup = prepare(
         lm,
         prompt,
         None,
-        kinds=kinds,
         samples=samples,
         noise=noise,
         window=window,
-        engine="fast",
         corrupt_range=corrupt,
-        metric=proxy.positive_probability_from_logits,
-        progress=progress,
+        metric=probability_metric(proxy.positive_probability_from_logits),
     )
+    return setup, text_range
+
+
+def as_sentiment_trace(
+    result: TraceResult, text: str, text_range: tuple[int, int], proxy: FeelingProxy
+) -> SentimentTrace:
+    """A trace result of a sentiment setup as a SentimentTrace."""
     return SentimentTrace(
         text=text.strip(),
-        prompt=prompt,
+        prompt=result.prompt,
         tokens=result.tokens,
         text_range=text_range,
-        corrupt_range=corrupt,
+        corrupt_range=result.subject_range,
         clean_score=result.high_score,
         corrupted_score=result.low_score,
-        scores=result.scores,
-        samples=samples,
-        window=window,
+        scores=dict(result.scores),
+        samples=result.samples,
+        window=result.window,
         noise=result.noise,
         seconds=result.seconds,
         proxy=proxy.to_dict(),
+        engine=result.engine,
+        exact=dict(result.exact),
     )
+
+
+def trace_sentiment(
+    lm: LoadedModel,
+    text: str,
+    proxy: FeelingProxy,
+    *,
+    span: str | tuple[int, int] | None = None,
+    kinds: Sequence[str] = KINDS,
+    samples: int = DEFAULT_SAMPLES,
+    noise: float | None = None,
+    window: int = DEFAULT_WINDOW,
+    max_tokens: int | None = None,
+    engine: str = "fast",
+    engine_options: dict | None = None,
+    progress: Progress | None = None,
+    on_kind: Callable[[SentimentTrace, str], None] | None = None,
+    on_row: Callable[[str, int, np.ndarray], None] | None = None,
+) -> SentimentTrace:
+    """Trace `text` + proxy suffix with the proxy's p(positive) as the metric (see `sentiment_setup` for the
+    span and the length limits). The clean and corrupted runs are recorded once for all kinds; `on_kind(trace,
+    kind)` sees each kind as soon as it is done, `on_row(kind, position, row)` each finished row."""
+    started = time.perf_counter()
+    setup, text_range = sentiment_setup(
+        lm, text, proxy, span=span, samples=samples, noise=noise, window=window, engine=engine, max_tokens=max_tokens
+    )
+    if get_engine(engine).exact:  # exact engines record every state: capped by memory
+        check_trace(lm, setup.num_tokens, setup.corrupt_range[0], samples, len(kinds))
+
+    def convert(result: TraceResult) -> SentimentTrace:
+        return as_sentiment_trace(result, text, text_range, proxy)
+
+    result = trace_setup(
+        setup,
+        kinds=kinds,
+        engine_name=engine,
+        engine_options=engine_options,
+        progress=progress,
+        on_kind=(lambda r, kind: on_kind(convert(r), kind)) if on_kind else None,
+        on_row=on_row,
+        started=started,
+    )
+    return convert(result)
 
 
 @dataclass

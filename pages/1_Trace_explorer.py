@@ -134,6 +134,10 @@ refused = show_cost(estimate)
 if state.pop("trace_autorun", False):
     run = True
 
+stop = st.button("Stop", key="trace_stop", help="Stop the exact trace; what is done so far stays shown.")
+if stop:
+    st.info("Stopped: the estimate, and the exact rows done before the stop, are shown below.")
+
 if run:
     if not kinds:
         show_error(UserError("choose at least one kind to trace"))
@@ -141,14 +145,31 @@ if run:
         show_error(refused)
     else:
         bar = st.progress(0.0, text="preparing: clean and corrupted runs")
+        note = st.empty()
         columns = st.columns(len(kinds))
         slots = {kind: col.empty() for kind, col in zip(kinds, columns)}
 
-        def draw(result, kind: str) -> None:
-            slots[kind].altair_chart(charts.trace_heatmap(result, kind, width="container"), width="stretch")
+        def draw_kind(view, kind: str) -> None:
+            with slots[kind].container():
+                st.altair_chart(charts.trace_heatmap(view.result, kind, width="container"), width="stretch")
+                st.caption(view.label(kind))
+
+        def draw(view, kind: str | None) -> None:
+            state["trace_result"] = view.result
+            state["trace_labels"] = {k: view.label(k) for k in view.result.scores}
+            if kind is None:  # the estimate: every kind, and the forecast of the exact trace
+                if view.forecast:
+                    note.info(
+                        f"Estimate shown in {view.result.seconds:.1f} s. The exact trace takes about "
+                        f"{view.forecast:.0f} s: its rows replace the estimate as they come (Stop keeps what is done)."
+                    )
+                for k in kinds:
+                    draw_kind(view, k)
+            else:
+                draw_kind(view, kind)
 
         try:
-            result = trace_progressively(
+            view, result = trace_progressively(
                 lm,
                 state["trace_prompt"],
                 state["trace_subject"],
@@ -156,11 +177,13 @@ if run:
                 samples=int(samples),
                 window=int(window),
                 noise=None if float(noise) == round(noise_default, 4) else float(noise),  # the default, unrounded
-                on_kind=draw,
+                on_view=draw,
                 progress=lambda f, text: bar.progress(min(f, 1.0), text=text),
             )
-            state["trace_result"] = result
+            state["trace_result"] = result if result is not None else view.result
+            state["trace_labels"] = {k: view.label(k) for k in kinds}
             bar.empty()
+            note.empty()
         except Exception as err:  # the page's error boundary: one message, details in the log
             bar.empty()
             state.pop("trace_result", None)
@@ -177,8 +200,11 @@ if result is not None and result.model == lm.name:
     m[4].metric("Time", f"{result.seconds:.1f} s")
     if not run:  # drawn during the run already
         columns = st.columns(len(result.scores))
+        labels = state.get("trace_labels", {})
         for col, kind in zip(columns, result.scores):
             col.altair_chart(charts.trace_heatmap(result, kind, width="container"), width="stretch")
+            if kind in labels:
+                col.caption(labels[kind])
     st.caption(
         f"Rows: tokens of the prompt (subject marked *). Columns: layers 0–{lm.num_layers - 1}. Colour: probability "
         f"of {result.answer!r} after restoring that one state (MLP/attention: a window of {result.window} layers "

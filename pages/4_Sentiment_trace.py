@@ -115,30 +115,54 @@ def estimate():
 if fitted is not None:
     show_cost(estimate)
 
+stop = st.button("Stop", key="sent_stop", help="Stop the exact trace; what is done so far stays shown.")
+if stop:
+    st.info("Stopped: the estimate, and the exact rows done before the stop, are shown below.")
+
 if run and fitted is not None:
     if not kinds:
         show_error(UserError("choose at least one kind to trace"))
     else:
         bar = st.progress(0.0, text="preparing: clean and corrupted runs")
         cancel = cancel_button("sent_trace_cancel")
+        note = st.empty()
         slots = {kind: col.empty() for kind, col in zip(kinds, st.columns(len(kinds)))}
 
-        def draw(trace, kind: str) -> None:
-            slots[kind].altair_chart(charts.sentiment_heatmap(trace, kind, width="container"), width="stretch")
+        def draw_kind(trace, view, kind: str) -> None:
+            with slots[kind].container():
+                st.altair_chart(charts.sentiment_heatmap(trace, kind, width="container"), width="stretch")
+                st.caption(view.label(kind))
+
+        def draw(trace, view, kind: str | None) -> None:
+            state["sent_trace"] = trace
+            state["sent_labels"] = {k: view.label(k) for k in trace.scores}
+            if kind is None:
+                if view.forecast:
+                    note.info(
+                        f"Estimate shown in {view.result.seconds:.1f} s. The exact trace takes about "
+                        f"{view.forecast:.0f} s: its rows replace the estimate as they come (Stop keeps what is done)."
+                    )
+                for k in kinds:
+                    draw_kind(trace, view, k)
+            else:
+                draw_kind(trace, view, kind)
 
         try:
-            trace = trace_sentiment_progressively(
+            trace, exact, message = trace_sentiment_progressively(
                 lm,
                 text,
                 fitted[2],
                 kinds,
                 samples=int(samples),
                 window=int(window),
-                on_kind=draw,
-                progress=bar_progress(bar, "token rows traced"),
+                on_view=draw,
+                progress=lambda f, t: bar.progress(min(f, 1.0), text=t),
             )
             bar.empty()
+            note.empty()
             cancel.empty()
+            if message:
+                st.info(message)
             state["sent_trace"] = trace
         except Exception as err:  # the page's error boundary: one message, details in the log
             bar.empty()
@@ -153,8 +177,11 @@ if trace is not None and fitted is not None:
     m[2].metric("Tokens", len(trace.tokens))
     m[3].metric("Time", f"{trace.seconds:.1f} s")
     if not run:
+        labels = state.get("sent_labels", {})
         for col, kind in zip(st.columns(len(trace.scores)), trace.scores):
             col.altair_chart(charts.sentiment_heatmap(trace, kind, width="container"), width="stretch")
+            if kind in labels:
+                col.caption(labels[kind])
     st.caption(
         "Rows: the text's tokens (corrupted ones marked *) and the proxy's suffix. Colour: the proxy's p(positive) "
         "after restoring that state in the corrupted run; hover a cell for its value."

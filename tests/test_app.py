@@ -130,6 +130,9 @@ def test_trace_explorer_traces_and_shows_the_library_numbers(lm):
     assert result.scores["hidden"][-1, -1] == pytest.approx(expected.high_score, abs=1e-4)
     specs = chart_specs(at)
     assert len(specs) == 1 and "Paris" in specs[0] and f"{expected.high_score:.3f}" in specs[0]
+    # the estimate came first and was replaced, kind by kind, by the exact table
+    assert "exact (fast engine)" in [c.value for c in at.caption]
+    assert at.button(key="trace_stop") is not None
     # the same inputs again: nothing is recomputed
     at.button(key="trace_run").click().run()
     assert at.session_state["trace_result"].scores["hidden"] is result.scores["hidden"]
@@ -314,6 +317,15 @@ def test_sentiment_fit_and_trace(lm):
     trace = at.session_state["sent_trace"]
     assert trace.scores["hidden"].shape == (len(expected.tokens), lm.num_layers)
     assert len(chart_specs(at)) == 2 and any("p(positive) after restoring" in s for s in chart_specs(at))
+    assert "exact (fast engine)" in [c.value for c in at.caption]
+
+    # longer than an exact trace accepts: the estimate alone, labelled as such
+    at.text_input(key="sent_text").set_value(" ".join([text] * 14))
+    at.button(key="sent_run").click().run()
+    assert not at.exception and not errors(at)
+    assert any("only the estimate is shown" in i.value for i in at.info)
+    assert any(c.value.startswith("**estimate**") for c in at.caption)
+    assert at.session_state["sent_trace"].engine == "estimate"
 
     at.text_input(key="sent_text").set_value("   ")
     at.button(key="sent_run").click().run()

@@ -91,6 +91,22 @@ def test_trace_json_contract(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_trace_estimate_engine_json_contract(tmp_path, capsys):
+    out = tmp_path / "estimate.json"
+    args = ["trace", "--prompt", "The Eiffel Tower is located in the city of", "--subject", "The Eiffel Tower"]
+    code, stdout, err = run_cli([*args, "--engine", "estimate", "--verify", "3", "--json", str(out)], capsys)
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert data["engine"] == "estimate" and data["answer"] == " Paris" and "seconds" in data
+    for kind in ("hidden", "mlp", "attn"):
+        table = data[kind]["scores"]
+        assert len(table) == len(data["tokens"]) and len(table[0]) == 30
+        assert len(data[kind]["exact_cells"]) >= 3
+    code, _, err = run_cli([*args, "--engine", "fast", "--verify", "3"], capsys)
+    assert code == 2 and "--verify goes with --engine estimate" in err
+
+
+@pytest.mark.slow
 def test_aie_json_contract(tmp_path, capsys):
     facts = tmp_path / "facts.json"
     facts.write_text(

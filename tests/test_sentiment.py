@@ -289,6 +289,28 @@ def test_trace_sentiment_bad_input(tiny):
         trace_sentiment(tiny, "The soup was cold.", other)
 
 
+def test_sentiment_estimate_has_no_length_cap_and_one_trace_for_all_kinds(tiny):
+    proxy = FeelingProxy.fit(tiny, read_texts(tiny, SHORT), SHORT_LABELS)
+    long_text = " ".join(["The soup was cold and the bread was stale."] * 8)
+    with pytest.raises(UserError, match="capped at 48"):
+        trace_sentiment(tiny, long_text, proxy, samples=1)
+    seen = []
+    result = trace_sentiment(
+        tiny, long_text, proxy, samples=2, engine="estimate", on_kind=lambda trace, kind: seen.append(kind)
+    )
+    assert seen == ["hidden", "mlp", "attn"] and result.engine == "estimate"
+    assert len(result.tokens) > 48
+    assert all(((t > 0) & (t < 1)).all() for t in result.scores.values())  # p(positive), read in log-odds
+    # beyond the model's context (128 positions for the tiny models): one clear line
+    with pytest.raises(UserError, match="reads at most 128"):
+        trace_sentiment(tiny, " ".join([long_text] * 3), proxy, samples=1, engine="estimate")
+    # the exact engines: the same shapes, the estimate's clean and corrupted scores
+    exact = trace_sentiment(tiny, "The soup was cold.", proxy, samples=2)
+    estimate = trace_sentiment(tiny, "The soup was cold.", proxy, samples=2, engine="estimate")
+    assert estimate.clean_score == exact.clean_score and estimate.corrupted_score == exact.corrupted_score
+    assert {k: v.shape for k, v in estimate.scores.items()} == {k: v.shape for k, v in exact.scores.items()}
+
+
 def test_average_trace_by_category(tiny):
     proxy = FeelingProxy.fit(tiny, read_texts(tiny, SHORT), SHORT_LABELS)
     calls = []

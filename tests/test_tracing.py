@@ -145,6 +145,36 @@ def test_trace_result_and_progress(tiny):
     np.testing.assert_allclose(result.indirect_effect("hidden"), result.scores["hidden"] - result.low_score)
 
 
+def test_trace_calls_on_kind_and_on_row_and_records_once(tiny, monkeypatch):
+    import core.fast_tracing as fast_tracing
+    import core.tracing as tracing
+
+    recordings = []
+    real = fast_tracing.record_runs
+
+    def counting(setup, kinds=KINDS, **options):
+        recordings.append(kinds)
+        return real(setup, kinds)
+
+    monkeypatch.setitem(
+        tracing.ENGINES, "fast", tracing.ENGINES["fast"].__class__("fast", True, counting, fast_kind, "")
+    )
+    kinds_seen, rows = [], []
+    result = trace(
+        tiny,
+        PROMPT,
+        SUBJECT,
+        samples=2,
+        window=2,
+        on_kind=lambda r, kind: kinds_seen.append((kind, set(r.scores))),
+        on_row=lambda kind, position, row: rows.append((kind, position)),
+    )
+    assert recordings == [KINDS]
+    assert [k for k, _ in kinds_seen] == list(KINDS) and kinds_seen[-1][1] == set(KINDS)
+    start = result.subject_range[0]
+    assert rows == [(kind, p) for kind in KINDS for p in range(start, len(result.tokens))]
+
+
 def test_bad_trace_input_is_refused(tiny):
     from core.errors import UserError
 
@@ -158,6 +188,8 @@ def test_bad_trace_input_is_refused(tiny):
         trace(tiny, PROMPT, SUBJECT, kinds=["residual"])
     with pytest.raises(UserError, match="noise"):
         trace(tiny, PROMPT, SUBJECT, noise=-1.0)
+    with pytest.raises(UserError, match="engine"):
+        trace(tiny, PROMPT, SUBJECT, engine="guess")
 
 
 # ---- the embedded model ------------------------------------------------------------------------------

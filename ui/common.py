@@ -13,7 +13,6 @@ import logging
 import re
 import tempfile
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -297,6 +296,107 @@ def chart_svg(chart) -> str:
     return _svg(chart.to_json())
 
 
+@dataclass
+class TraceView:
+    """What a page draws of a trace while it runs: the estimate of every kind, then the exact engine's rows
+    and kinds replacing it as they come."""
+
+    result: object  # core.tracing.TraceResult: the estimate, with the exact rows / kinds put in
+    exact_rows: dict[str, int]  # kind -> rows from the corrupted span on that are exact so far
+    rows: int  # rows from the corrupted span on
+    forecast: float  # seconds the exact engine was expected to take (0 when nothing was left to compute)
+
+    def label(self, kind: str) -> str:
+        """How far `kind`'s table is exact, in words (with the estimate's measured agreement)."""
+        from core.estimate_tracing import agreement_note
+
+        done = self.exact_rows.get(kind, 0)
+        if done >= self.rows:
+            return "exact (fast engine)"
+        note = f"**estimate** ({agreement_note(kind)})"
+        return note if done == 0 else f"{note}; exact rows filling in: {done} of {self.rows}"
+
+
+def traced_with_estimate(
+    lm: LoadedModel,
+    key: tuple,
+    make_setup: Callable[[], object],
+    kinds: Sequence[str],
+    *,
+    exact: bool = True,
+    on_view: Callable[[TraceView, str | None], None] | None = None,
+    progress: Progress | None = None,
+):
+    """The estimate of every kind first (seconds), then the exact (fast) engine, both with this session's edits,
+    both remembered per `key`. on_view(view, kind) is called with the estimate (kind None, forecast known), after
+    each exact row and each finished kind. Returns (view, exact result or None when `exact` is off)."""
+    from core.trace_cost import estimated_seconds
+    from core.tracing import result_from, trace_setup
+
+    edits = session_edits(lm)
+    estimate_key, exact_key = (*key, "estimate"), (*key, "fast")
+    estimate = store().get(estimate_key)
+    kept = store().get(exact_key)
+    missing_estimate = [k for k in kinds if estimate is None or k not in estimate.scores]
+    missing = [k for k in kinds if kept is None or k not in kept.scores] if exact else []
+    setup = None
+    if missing_estimate or missing:
+        with applied(lm, edits):
+            setup = make_setup()
+    if missing_estimate:
+        if progress:
+            progress(0.0, "estimating every cell (one forward and backward)")
+        with applied(lm, edits):
+            new = trace_setup(setup, kinds=missing_estimate, engine_name="estimate")
+        if estimate is None:
+            estimate = new
+            store().put(estimate_key, estimate)
+        else:
+            estimate.scores.update(new.scores)
+            estimate.exact.update(new.exact)
+    start = estimate.subject_range[0]
+    rows = len(estimate.tokens) - start
+    shown = replace(estimate, scores={k: estimate.scores[k].copy() for k in kinds}, exact={})
+    view = TraceView(shown, {}, rows, estimated_seconds(setup, "fast", tuple(missing)) if missing else 0.0)
+    for kind in kinds:
+        if kept is not None and kind in kept.scores:
+            shown.scores[kind] = kept.scores[kind]
+            view.exact_rows[kind] = rows
+    if on_view:
+        on_view(view, None)
+    if missing:
+        if kept is None:
+            kept = result_from(setup, {}, "fast", 0.0, {})
+            store().put(exact_key, kept)
+
+        def row_done(kind: str, position: int, row) -> None:
+            shown.scores[kind][position] = row
+            view.exact_rows[kind] = position - start + 1
+            if on_view:
+                on_view(view, kind)
+
+        def kind_done(result, kind: str) -> None:
+            kept.scores[kind] = result.scores[kind]
+            kept.kind_seconds[kind] = result.kind_seconds[kind]
+            kept.seconds += result.kind_seconds[kind]
+            shown.scores[kind] = kept.scores[kind]
+            view.exact_rows[kind] = rows
+            if on_view:
+                on_view(view, kind)
+
+        def tick(done: int, total: int) -> None:
+            if progress:
+                progress(done / max(total, 1), f"exact trace: row {done} of {total} (about {view.forecast:.0f} s)")
+
+        with applied(lm, edits):
+            trace_setup(setup, kinds=missing, engine_name="fast", on_kind=kind_done, on_row=row_done, progress=tick)
+    if kept is None or not all(k in kept.scores for k in kinds):
+        return view, None
+    return view, replace(
+        kept, scores={k: kept.scores[k] for k in kinds}, kind_seconds={k: kept.kind_seconds.get(k, 0.0) for k in kinds}
+    )
+
+
 def trace_progressively(
     lm: LoadedModel,
     prompt: str,
@@ -306,15 +406,14 @@ def trace_progressively(
     samples: int,
     noise: float | None,
     window: int,
-    on_kind: Callable[[object, str], None] | None = None,
-    progress: FractionProgress | None = None,
+    on_view: Callable[[TraceView, str | None], None] | None = None,
+    progress: Progress | None = None,
 ):
-    """core.tracing's trace (noise None: the library's default scale) with this session's edits, one kind at
-    a time, each drawn by `on_kind(result, kind)` as soon as it is done; every kind's table is kept, so asking
-    again is instant."""
-    from core.tracing import TraceResult, prepare, result_from, trace_kind
+    """core.tracing's trace (noise None: the library's default scale) with this session's edits: the estimate
+    of every kind first, then the exact tables filling in (see `traced_with_estimate`). Every table is kept,
+    so asking again is instant. Returns (view, exact result)."""
+    from core.tracing import prepare
 
-    edits = session_edits(lm)
     key = (
         "trace",
         lm.name,
@@ -325,36 +424,11 @@ def trace_progressively(
         None if noise is None else float(noise),
         int(window),
     )
-    kept: TraceResult | None = store().get(key)
-    missing = [k for k in kinds if kept is None or k not in kept.scores]
-    setup = None
-    if missing:
-        started = time.perf_counter()
-        with applied(lm, edits):
-            setup = prepare(lm, prompt, subject, samples=samples, noise=noise, window=window)
-        if kept is None:
-            kept = result_from(setup, {}, "fast", time.perf_counter() - started, {})
-            store().put(key, kept)
-    for k, kind in enumerate(kinds):
-        if kind not in kept.scores:
-            kind_start = time.perf_counter()
 
-            def tick(done: int, total: int, k: int = k, kind: str = kind) -> None:
-                if progress:
-                    progress((k + done / total) / len(kinds), f"{kind}: token {done} of {total}")
+    def make_setup():
+        return prepare(lm, prompt, subject, samples=samples, noise=noise, window=window)
 
-            with applied(lm, edits):
-                table = trace_kind(setup, kind, "fast", tick)
-            kept.scores[kind] = table
-            kept.kind_seconds[kind] = time.perf_counter() - kind_start
-            kept.seconds += kept.kind_seconds[kind]
-        if progress:
-            progress((k + 1) / len(kinds), f"{kind} done")
-        if on_kind:
-            on_kind(kept, kind)
-    return replace(
-        kept, scores={k: kept.scores[k] for k in kinds}, kind_seconds={k: kept.kind_seconds.get(k, 0.0) for k in kinds}
-    )
+    return traced_with_estimate(lm, key, make_setup, kinds, on_view=on_view, progress=progress)
 
 
 def run_aie(
@@ -489,31 +563,45 @@ def trace_sentiment_progressively(
     *,
     samples: int,
     window: int,
-    on_kind: Callable[[object, str], None] | None = None,
+    on_view: Callable[[object, TraceView, str | None], None] | None = None,
     progress: Progress | None = None,
 ):
-    """core.sentiment_trace.trace_sentiment one kind at a time (each drawn as soon as it is done)."""
-    from core.sentiment_trace import trace_sentiment
+    """core.sentiment_trace's trace with this session's edits: the estimate of every kind first, then the exact
+    tables filling in, unless the text is longer than an exact trace accepts (then the estimate alone).
+    on_view(sentiment_trace, view, kind) draws. Returns (sentiment trace as shown, exact: bool, message)."""
+    from core.sentiment_trace import MAX_TRACE_TOKENS, as_sentiment_trace, sentiment_setup, text_token_range
 
+    if not text or not text.strip():
+        raise UserError("the text is empty")
     proxy_key = digest(json.dumps(proxy.to_dict(), sort_keys=True))
-    merged = None
-    for k, kind in enumerate(kinds):
-        key = ("sentiment", lm.name, edit_ids(lm), proxy_key, text.strip(), kind, int(samples), int(window))
-        one = store().get(key)
-        if one is None:
+    key = ("sentiment", lm.name, edit_ids(lm), proxy_key, text.strip(), int(samples), int(window))
+    tokens = len(text_token_range(lm, text, proxy.suffix)[0])
+    exact = tokens <= MAX_TRACE_TOKENS
+    ranges = {}
 
-            def tick(done: int, total: int, k: int = k) -> None:  # token rows of this kind -> of all kinds
-                if progress:
-                    progress(k * total + done, len(kinds) * total)
+    def make_setup():
+        setup, text_range = sentiment_setup(
+            lm, text, proxy, samples=samples, window=window, engine="fast" if exact else "estimate"
+        )
+        ranges["text"] = text_range
+        return setup
 
-            with session_step(lm, f"a sentiment trace ({kind})")():
-                one = trace_sentiment(lm, text, proxy, kinds=[kind], samples=samples, window=window, progress=tick)
-            store().put(key, one)
-        if merged is None:
-            merged = replace(one, scores=dict(one.scores))
-        else:
-            merged.scores[kind] = one.scores[kind]
-            merged.seconds += one.seconds
-        if on_kind:
-            on_kind(merged, kind)
-    return merged
+    def convert(view: TraceView):
+        text_range = ranges.get("text") or text_token_range(lm, text, proxy.suffix)[1]
+        return as_sentiment_trace(view.result, text, text_range, proxy)
+
+    def draw(view: TraceView, kind: str | None) -> None:
+        if on_view:
+            on_view(convert(view), view, kind)
+
+    view, done = traced_with_estimate(lm, key, make_setup, kinds, exact=exact, on_view=draw, progress=progress)
+    message = (
+        ""
+        if exact
+        else f"The text is {tokens} tokens with the suffix: over the {MAX_TRACE_TOKENS} an exact trace accepts here, "
+        "so only the estimate is shown."
+    )
+    shown = convert(view)
+    if done is not None:
+        shown.scores, shown.engine, shown.seconds = dict(done.scores), "fast", done.seconds
+    return shown, done is not None, message

@@ -13,4 +13,5 @@ COMMAND_MODULES = [
     "core.commands.sentiment",
     "core.commands.apply",
     "core.commands.many",
+    "core.commands.sweep",
 ]

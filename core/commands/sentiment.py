@@ -4,9 +4,9 @@ sentiment trace of one text."""
 from __future__ import annotations
 
 import argparse
-import sys
+import time
 
-from core.commands.common import load, positive_int
+from core.commands.common import load, non_negative_int, positive_int
 from core.commands.progress import progress_bar
 from core.errors import UserError
 
@@ -43,7 +43,18 @@ def register(subparsers, add_common_options) -> None:
     tr.add_argument("--samples", type=positive_int, default=10)
     tr.add_argument("--window", type=positive_int, default=10)
     tr.add_argument(
-        "--max-tokens", type=positive_int, default=None, help="refuse longer prompts (cost grows with length)"
+        "--max-tokens",
+        type=positive_int,
+        default=None,
+        help="refuse longer prompts (default 48 for the exact engines, whose cost grows with the square of the "
+        "length; the estimate is limited only by the model's context and memory)",
+    )
+    tr.add_argument("--engine", choices=("fast", "naive", "estimate"), default="fast")
+    tr.add_argument(
+        "--verify",
+        type=non_negative_int,
+        default=0,
+        help="estimate engine: compute this many of its strongest cells per kind exactly",
     )
     add_common_options(tr)
     tr.set_defaults(run=run_trace)
@@ -78,9 +89,11 @@ def run_evaluate(args: argparse.Namespace) -> dict:
 
 
 def run_trace(args: argparse.Namespace) -> dict:
-    from core.budget import trace_cost
+    from core.budget import check_trace
+    from core.commands.trace import forecast
     from core.sentiment import DEFAULT_WORDS
-    from core.sentiment_trace import MAX_TRACE_TOKENS, default_proxy, text_token_range, trace_sentiment
+    from core.sentiment_trace import as_sentiment_trace, default_proxy, sentiment_setup
+    from core.tracing import trace_setup
 
     if not args.text.strip():
         raise UserError("the text is empty")
@@ -88,25 +101,40 @@ def run_trace(args: argparse.Namespace) -> dict:
     with progress_bar("fitting the proxy") as fitting:
         proxy = default_proxy(lm, args.train, words=args.words or DEFAULT_WORDS, progress=fitting)
     kinds = ("hidden", "mlp", "attn") if args.kind == "all" else (args.kind,)
-    ids, (start, _) = text_token_range(lm, args.text, proxy.suffix)
-    print(f"estimated cost: {trace_cost(lm, len(ids), start, args.samples, len(kinds)).describe()}", file=sys.stderr)
-    with progress_bar("tracing") as bar:
-        result = trace_sentiment(
-            lm,
-            args.text,
-            proxy,
-            span=args.span,
+    if args.verify and args.engine != "estimate":
+        raise UserError("--verify goes with --engine estimate")
+    started = time.perf_counter()
+    setup, text_range = sentiment_setup(
+        lm,
+        args.text,
+        proxy,
+        span=args.span,
+        samples=args.samples,
+        window=args.window,
+        engine=args.engine,
+        max_tokens=args.max_tokens,
+    )
+    if args.engine != "estimate":  # the exact engines record every state: capped by context and memory
+        check_trace(lm, setup.num_tokens, setup.corrupt_range[0], args.samples, len(kinds))
+    forecast(setup, args.engine, kinds)
+    with progress_bar(f"tracing ({args.engine})") as bar:
+        traced = trace_setup(
+            setup,
             kinds=kinds,
-            samples=args.samples,
-            window=args.window,
-            max_tokens=args.max_tokens or MAX_TRACE_TOKENS,
+            engine_name=args.engine,
+            engine_options={"verify": args.verify} if args.engine == "estimate" else None,
             progress=bar,
+            started=started,
         )
+    result = as_sentiment_trace(traced, args.text, text_range, proxy)
     for kind in kinds:
         layer, token = result.peak(kind)
         print(
             f"{kind}: strongest restoration at layer {layer}, token {result.tokens[token]!r} "
             f"(p(positive) {result.scores[kind][token, layer]:.3f})"
         )
-    print(f"clean p(positive) {result.clean_score:.3f}, corrupted {result.corrupted_score:.3f}, {result.seconds:.1f} s")
+    print(
+        f"clean p(positive) {result.clean_score:.3f}, corrupted {result.corrupted_score:.3f}, {result.seconds:.1f} s "
+        f"({args.engine})"
+    )
     return {"model": lm.name, **result.as_dict()}

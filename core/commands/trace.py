@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import numpy as np
 
 from core.budget import check_trace
-from core.commands.common import load, non_negative_float, positive_int
+from core.commands.common import load, non_negative_float, non_negative_int, positive_int
 from core.commands.progress import progress_bar
-from core.prompts import tokenize
-from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS, trace
+from core.errors import UserError
+from core.trace_cost import estimated_seconds
+from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, ENGINES, KINDS, prepare, trace_setup
 
 
 def register(sub, add_common_options) -> None:
@@ -24,28 +26,49 @@ def register(sub, add_common_options) -> None:
     parser.add_argument(
         "--noise", type=non_negative_float, default=None, help="absolute noise scale (default 3 x embedding std)"
     )
-    parser.add_argument("--engine", choices=["fast", "naive"], default="fast")
+    parser.add_argument(
+        "--engine",
+        choices=list(ENGINES),
+        default="fast",
+        help="fast / naive: exact; estimate: a first-order estimate of every cell in seconds (attribution patching)",
+    )
+    parser.add_argument(
+        "--verify",
+        type=non_negative_int,
+        default=0,
+        help="estimate engine: compute this many of its strongest cells per kind exactly (fast engine)",
+    )
     add_common_options(parser)
     parser.set_defaults(run=run)
+
+
+def forecast(setup, engine: str, kinds) -> None:
+    """One line on stderr before an exact trace: about how long it will take here."""
+    if ENGINES[engine].exact:
+        seconds = estimated_seconds(setup, engine, tuple(kinds))
+        print(
+            f"{engine} trace of {setup.num_tokens} tokens, {len(kinds)} kind(s): about {seconds:.0f} s", file=sys.stderr
+        )
 
 
 def run(args: argparse.Namespace) -> dict:
     lm = load(args)
     kinds = list(KINDS) if args.kind == "all" else [args.kind]
-    prompt = tokenize(lm.tokenizer, args.prompt, args.subject)
-    cost = check_trace(lm, len(prompt.input_ids), prompt.subject_range[0], args.samples, len(kinds))
-    print(f"estimated cost: {cost.describe()}", file=sys.stderr)
+    if args.verify and args.engine != "estimate":
+        raise UserError("--verify goes with --engine estimate")
+    started = time.perf_counter()
+    setup = prepare(lm, args.prompt, args.subject, samples=args.samples, noise=args.noise, window=args.window)
+    if args.engine != "estimate":  # the exact engines record every state: capped by context and memory
+        check_trace(lm, setup.num_tokens, setup.corrupt_range[0], args.samples, len(kinds))
+    forecast(setup, args.engine, kinds)
     with progress_bar(f"tracing ({args.engine})") as progress:
-        result = trace(
-            lm,
-            args.prompt,
-            args.subject,
+        result = trace_setup(
+            setup,
             kinds=kinds,
-            samples=args.samples,
-            noise=args.noise,
-            window=args.window,
-            engine=args.engine,
+            engine_name=args.engine,
+            engine_options={"verify": args.verify} if args.engine == "estimate" else None,
             progress=progress,
+            started=started,
         )
     start, end = result.subject_range
     print(
