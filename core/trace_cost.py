@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from core.budget import context_length
 from core.models import LoadedModel
 from core.trace_setup import TraceSetup, window_layers
 
@@ -64,15 +65,6 @@ def estimated_seconds(setup: TraceSetup, engine: str, kinds: tuple[str, ...]) ->
     )
     slowdown = 1.0 if engine == "estimate" else EXACT_ENGINE_SLOWDOWN
     return macs / forward_rate(setup) * slowdown
-
-
-def context_length(lm: LoadedModel) -> int | None:
-    config = lm.model.config
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def estimate_memory_bytes(lm: LoadedModel, tokens: int, samples: int) -> int:

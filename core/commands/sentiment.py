@@ -89,11 +89,9 @@ def run_evaluate(args: argparse.Namespace) -> dict:
 
 
 def run_trace(args: argparse.Namespace) -> dict:
-    from core.budget import check_trace
-    from core.commands.trace import forecast
+    from core.commands.trace import run_engine
     from core.sentiment import DEFAULT_WORDS
     from core.sentiment_trace import as_sentiment_trace, default_proxy, sentiment_setup
-    from core.tracing import trace_setup
 
     if not args.text.strip():
         raise UserError("the text is empty")
@@ -114,18 +112,7 @@ def run_trace(args: argparse.Namespace) -> dict:
         engine=args.engine,
         max_tokens=args.max_tokens,
     )
-    if args.engine != "estimate":  # the exact engines record every state: capped by context and memory
-        check_trace(lm, setup.num_tokens, setup.corrupt_range[0], args.samples, len(kinds))
-    forecast(setup, args.engine, kinds)
-    with progress_bar(f"tracing ({args.engine})") as bar:
-        traced = trace_setup(
-            setup,
-            kinds=kinds,
-            engine_name=args.engine,
-            engine_options={"verify": args.verify} if args.engine == "estimate" else None,
-            progress=bar,
-            started=started,
-        )
+    traced = run_engine(setup, args, kinds, started)
     result = as_sentiment_trace(traced, args.text, text_range, proxy)
     for kind in kinds:
         layer, token = result.peak(kind)

@@ -13,7 +13,7 @@ from core.commands.common import load, non_negative_float, non_negative_int, pos
 from core.commands.progress import progress_bar
 from core.errors import UserError
 from core.trace_cost import estimated_seconds
-from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, ENGINES, KINDS, prepare, trace_setup
+from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, ENGINES, KINDS, TraceResult, prepare, trace_setup
 
 
 def register(sub, add_common_options) -> None:
@@ -51,18 +51,14 @@ def forecast(setup, engine: str, kinds) -> None:
         )
 
 
-def run(args: argparse.Namespace) -> dict:
-    lm = load(args)
-    kinds = list(KINDS) if args.kind == "all" else [args.kind]
-    if args.verify and args.engine != "estimate":
-        raise UserError("--verify goes with --engine estimate")
-    started = time.perf_counter()
-    setup = prepare(lm, args.prompt, args.subject, samples=args.samples, noise=args.noise, window=args.window)
+def run_engine(setup, args: argparse.Namespace, kinds, started: float) -> TraceResult:
+    """Trace `setup` with the command's engine (--engine, --verify, --samples): an exact engine's cap checked
+    first (context, memory), the time forecast printed, a progress bar while it runs."""
     if args.engine != "estimate":  # the exact engines record every state: capped by context and memory
-        check_trace(lm, setup.num_tokens, setup.corrupt_range[0], args.samples, len(kinds))
+        check_trace(setup.lm, setup.num_tokens, setup.corrupt_range[0], args.samples, len(kinds))
     forecast(setup, args.engine, kinds)
     with progress_bar(f"tracing ({args.engine})") as progress:
-        result = trace_setup(
+        return trace_setup(
             setup,
             kinds=kinds,
             engine_name=args.engine,
@@ -70,6 +66,16 @@ def run(args: argparse.Namespace) -> dict:
             progress=progress,
             started=started,
         )
+
+
+def run(args: argparse.Namespace) -> dict:
+    lm = load(args)
+    kinds = list(KINDS) if args.kind == "all" else [args.kind]
+    if args.verify and args.engine != "estimate":
+        raise UserError("--verify goes with --engine estimate")
+    started = time.perf_counter()
+    setup = prepare(lm, args.prompt, args.subject, samples=args.samples, noise=args.noise, window=args.window)
+    result = run_engine(setup, args, kinds, started)
     start, end = result.subject_range
     print(
         f"{lm.name}: {args.prompt!r} -> {result.answer!r}  high {result.high_score:.4f}  low {result.low_score:.4f}  "
