@@ -258,4 +258,5 @@ if c2.button("Generate", key="try_run"):
         state.pop("try_text", None)
         show_error(err, "generating")
 if "try_text" in state:
-    st.code(state["try_text"], language=None, wrap_lines=True)
+    with st.container(key="try_output"):
+        st.code(state["try_text"], language=None, wrap_lines=True)

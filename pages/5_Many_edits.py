@@ -96,9 +96,9 @@ if st.button("Edit the batch", key="memit_run", type="primary"):
             "skipped": [f"{requests[i].text!r}: {why}" for i, why in batch.skipped],
         }
         bar.empty()
-    except UserError as err:
+    except Exception as err:  # the page's error boundary: one message, details in the log
         bar.empty()
-        show_error(err)
+        show_error(err, "editing a batch")
 
 batch_state = state.get(BATCH_KEY)
 if batch_state and set(batch_state["ids"]) <= {e.id for e in session_edits(lm)}:

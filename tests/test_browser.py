@@ -147,6 +147,13 @@ def wait_idle(page, timeout: float = 120_000) -> None:
     page.locator("h1").first.wait_for(timeout=timeout)
 
 
+def try_output(page, timeout: float = 300_000) -> str:
+    """The text "Try the model" shows (its own container), once the run its Generate click started is over."""
+    page.locator('.st-key-try_output [data-testid="stCode"]').wait_for(timeout=timeout)
+    wait_idle(page)
+    return page.locator('.st-key-try_output [data-testid="stCode"]').last.inner_text()
+
+
 def visit(page, url: str) -> None:
     page.goto(url, wait_until="domcontentloaded")
     wait_idle(page)
@@ -207,9 +214,7 @@ def test_edit_changes_the_text_for_this_session_only(server, browser):
         texts = first.locator('[data-testid="stCode"]').all_inner_texts()
         assert "Paris" in texts[0] and "Rome" in texts[3], texts  # "The Eiffel Tower is located in ..."
         first.get_by_role("button", name="Generate").first.click()
-        first.locator('[data-testid="stCode"]').nth(6).wait_for(timeout=300_000)
-        wait_idle(first)
-        edited = first.locator('[data-testid="stCode"]').last.inner_text()
+        edited = try_output(first)
         assert "Rome" in edited and "Paris" not in edited, edited  # this session's model writes the new fact
 
     second = new_page(browser)  # another browser context: another session
@@ -218,9 +223,7 @@ def test_edit_changes_the_text_for_this_session_only(server, browser):
         second.get_by_text("No edit yet").wait_for(timeout=120_000)  # this session has no edit
         wait_idle(second)
         second.get_by_role("button", name="Generate").first.click()
-        second.locator('[data-testid="stCode"]').first.wait_for(timeout=300_000)
-        wait_idle(second)
-        text = second.locator('[data-testid="stCode"]').last.inner_text()
+        text = try_output(second)
         assert "Paris" in text and "Rome" not in text, text
         assert_no_exception(second)
     first.context.close()
