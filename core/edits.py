@@ -149,14 +149,12 @@ def _hold(lm: LoadedModel, layer: int) -> None:
         held[layer] = [_weight(lm, layer).detach().clone(), 1]
 
 
-def _release(lm: LoadedModel, layer: int) -> torch.Tensor:
-    """Drop one holder of `layer`; returns the pristine matrix (caller has the lock)."""
+def _release(lm: LoadedModel, layer: int) -> None:
+    """Drop one holder of `layer`; the last one forgets the pristine matrix (caller has the lock)."""
     held = _PRISTINE[lm.model]
-    original = held[layer][0]
     held[layer][1] -= 1
     if held[layer][1] == 0:
         del held[layer]
-    return original
 
 
 @contextmanager
