@@ -27,6 +27,7 @@ def run_cli(args, capsys):
         (["trace", "--prompt", "a b", "--subject", "a", "--samples", "-3"], "must be positive"),
         (["trace", "--prompt", "a b", "--subject", "a", "--noise", "nan"], "finite"),
         (["aie", "--facts", "/no/such/facts.json"], "does not exist"),
+        (["trace", "--prompt", "a b", "--subject", "a", "--device", "cpu", "--tf32"], "CUDA option"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(args, message, capsys):

@@ -1,4 +1,4 @@
-"""What every command shares: the --model/--json/--device options, model loading, JSON output."""
+"""What every command shares: the --model/--json/--device/--tf32 options, model loading, JSON output."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from core.models import EMBEDDED_MODEL, LoadedModel, load_model
+from core.precision import allow_tf32
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -19,10 +20,16 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         "--json", dest="json_out", metavar="OUT", type=output_file, help="write the machine-readable result here"
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument(
+        "--tf32", action="store_true", help="CUDA: TF32 matrix products (faster; tables differ slightly, bench/gpu.py)"
+    )
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
-    return load_model(args.model, device=args.device)
+    lm = load_model(args.model, device=args.device)
+    if getattr(args, "tf32", False):
+        allow_tf32(lm)
+    return lm
 
 
 def output_file(text: str) -> str:
