@@ -137,7 +137,7 @@ def run_shape(
         row["peak_gpu_gib"] = peak_gib()
         print("  " + json.dumps(row), flush=True)
         rows.append(row)
-    del lm
+    lm = None  # free the weights before the next shape
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
     return rows
