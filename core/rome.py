@@ -14,7 +14,8 @@ projection W, read as a linear associative memory key -> value.
 
 The steps are functions of their own: `edit_rows` (the prompts), `record_rows` (one clean pass: keys, the
 layer's outputs, what the value optimisation resumes from), `optimise_value` (delta), `rank_one_update`
-(pure linear algebra). `compute_key` gives k* at any layer (batch editors use it). The layer and key-token
+(pure linear algebra); `solve_rows` runs 2-4 over any rows (sentiment edits build their own, from texts).
+`compute_key` gives k* at any layer (batch editors use it). The layer and key-token
 choice is core/edit_site.py. Statistics and context texts are computed on the unedited weights
 (`core.edits.unedited`), so one session's edit never leaks into what is cached for everyone.
 
@@ -459,6 +460,55 @@ def compute_edit(
         return _edit(lm, request, hp, layer, stats, lambda done: tick(stats_units + done), started, cpu_start)
 
 
+@dataclass
+class RowSolution:
+    """What `solve_rows` gives: the rank-one update (W' = W + v u^T), the key it was solved at and the output
+    W' gives there (with the bias), k*, and how the value optimisation went."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    k_star: torch.Tensor
+    delta_norm: float
+    trace: ValueTrace
+    key_seconds: float
+    value_seconds: float
+
+
+def solve_rows(
+    lm: LoadedModel,
+    rows: list[EditRow],
+    target: list[int],
+    layer: int,
+    stats: KeyStatistics,
+    hp: RomeHyperParams,
+    tick: Callable[[int], None] | None = None,
+) -> RowSolution:
+    """Steps 2-4 for any rows whose first row is the plain prompt: k* (mean key), v* (delta optimised so the
+    rewrite rows predict `target`, the KL rows keep their next token), and the rank-one update. ROME's rows
+    come from `edit_rows`; core/sentiment_edit.py builds rows from texts that mention a subject."""
+    key_start = time.perf_counter()
+    recording = record_rows(lm, rows, layer)
+    k_star = mean_key(rows, recording)
+    key_seconds = time.perf_counter() - key_start
+
+    value_start = time.perf_counter()
+    batch = value_batch(lm, rows, recording, target)
+    plain_output = recording.outputs[0]  # the first row is the plain prompt
+    delta, trace = optimise_value(lm, batch, layer, plain_output, hp, tick)
+    value_seconds = time.perf_counter() - value_start
+
+    with torch.no_grad():
+        solve_key = recording.keys[0] if hp.solve_at == "plain" else k_star
+        weight = lm.arch.mlp_out_weight(lm.model, layer).float()
+        bias = lm.model.get_submodule(lm.arch.layer_name(lm.model, layer, "mlp_out")).bias
+        wanted = weight @ solve_key + delta  # W k + delta: the output without the bias, moved by delta
+        u, v = rank_one_update(stats.mom2.to(device=lm.device, dtype=torch.float32), k_star, wanted, weight, solve_key)
+        value = wanted + (bias.float() if bias is not None else 0)
+    return RowSolution(u, v, solve_key, value, k_star, float(delta.norm()), trace, key_seconds, value_seconds)
+
+
 def _edit(
     lm: LoadedModel,
     request: EditRequest,
@@ -471,26 +521,9 @@ def _edit(
 ) -> Edit:
     """compute_edit's steps once the statistics are there (see compute_edit)."""
     edit_start = time.perf_counter()
-
     offset = key_offset(lm, request, layer, hp.key_token)
     rows = edit_rows(lm, request, context_texts(lm, hp.context_lengths, hp.seed), offset)
-    recording = record_rows(lm, rows, layer)
-    k_star = mean_key(rows, recording)
-    key_seconds = time.perf_counter() - edit_start
-
-    value_start = time.perf_counter()
-    batch = value_batch(lm, rows, recording, target_ids(lm.tokenizer, request.target_new))
-    plain_output = recording.outputs[0]  # the first row is the plain prompt
-    delta, trace = optimise_value(lm, batch, layer, plain_output, hp, tick)
-    value_seconds = time.perf_counter() - value_start
-
-    with torch.no_grad():
-        solve_key = recording.keys[0] if hp.solve_at == "plain" else k_star
-        weight = lm.arch.mlp_out_weight(lm.model, layer).float()
-        bias = lm.model.get_submodule(lm.arch.layer_name(lm.model, layer, "mlp_out")).bias
-        wanted = weight @ solve_key + delta  # W k + delta: the output without the bias, moved by delta
-        u, v = rank_one_update(stats.mom2.to(device=lm.device, dtype=torch.float32), k_star, wanted, weight, solve_key)
-        value = wanted + (bias.float() if bias is not None else 0)
+    solved = solve_rows(lm, rows, target_ids(lm.tokenizer, request.target_new), layer, stats, hp, tick)
     tick(hp.steps)
     info = {
         "hparams": json.loads(json.dumps(asdict(hp))),  # JSON types (lists, not tuples): exports round-trip
@@ -500,22 +533,22 @@ def _edit(
         "seconds": time.perf_counter() - edit_start,
         "stats_seconds": stats.seconds if not stats.cached else 0.0,
         "stats_cached": stats.cached,
-        "key_seconds": key_seconds,
-        "value_seconds": value_seconds,
-        "steps": trace.steps,
-        "losses": trace.losses,
-        "nll": trace.nll,
-        "delta_norm": float(delta.norm()),
+        "key_seconds": solved.key_seconds,
+        "value_seconds": solved.value_seconds,
+        "steps": solved.trace.steps,
+        "losses": solved.trace.losses,
+        "nll": solved.trace.nll,
+        "delta_norm": solved.delta_norm,
         "cpu_seconds": time.process_time() - cpu_start,
         "total_seconds": time.perf_counter() - started,
     }
     return Edit(
         request=request,
         layer=layer,
-        u=u.to(lm.dtype),
-        v=v.to(lm.dtype),
-        key=solve_key.to(lm.dtype),
-        value=value.to(lm.dtype),
+        u=solved.u.to(lm.dtype),
+        v=solved.v.to(lm.dtype),
+        key=solved.key.to(lm.dtype),
+        value=solved.value.to(lm.dtype),
         model=lm.name,
         info=info,
     )

@@ -7,7 +7,12 @@ Only the public API is used: `core.rome.compute_edit(lm, request, RomeHyperParam
 
     request = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")
     sweep = layer_sweep(lm, request, layers=range(0, 30, 3))
-    sweep.rows[0]   # {"layer", "p_new", "p_true", "efficacy", "paraphrase", "neighborhood", "trace_effect", ...}
+    sweep.rows[0]   # {"layer", "p_new", "p_true", "efficacy", "paraphrase", "generation_efficacy", "neighborhood",
+                    #  "trace_effect", ...}
+    sweep.correlation()  # Pearson r over layers between the trace effect and each measure
+
+`average_sweeps` averages the sweeps of a set of facts layer by layer (the paper's comparison of causal effect
+with edit success by layer), with the correlation of the averaged curves.
 """
 
 from __future__ import annotations
@@ -20,12 +25,24 @@ import numpy as np
 
 from core.edits import EditRequest, applied
 from core.errors import UserError
-from core.evaluation import target_log_probs
+from core.evaluation import TEXT_TOKENS, continuations, names_object, target_log_probs
 from core.generation import GenerationSettings, generate
 from core.models import LoadedModel
 from core.rome import RomeHyperParams, compute_edit, validate_request
 
 Progress = Callable[[int, int], None]
+MEASURES = ("p_new", "efficacy", "paraphrase", "generation_efficacy", "neighborhood", "score")
+
+
+def correlation(effects: Sequence[float | None], values: Sequence[float]) -> float | None:
+    """Pearson r over the layers where both are defined; None with fewer than 3 such layers or a constant."""
+    pairs = [(e, v) for e, v in zip(effects, values) if e is not None and v is not None and not np.isnan([e, v]).any()]
+    if len(pairs) < 3:
+        return None
+    x, y = np.array(pairs, dtype=float).T
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
 
 
 @dataclass
@@ -42,6 +59,10 @@ class LayerSweep:
     def best_layer(self, measure: str = "score") -> int:
         return self.rows[int(np.argmax([r[measure] for r in self.rows]))]["layer"]
 
+    def correlation(self) -> dict[str, float | None]:
+        """measure -> Pearson r over the swept layers between the trace's MLP effect and that measure."""
+        return {m: correlation(self.trace_effect, [r[m] for r in self.rows]) for m in MEASURES}
+
     def to_json(self) -> dict:
         return {
             "request": asdict(self.request),
@@ -52,6 +73,7 @@ class LayerSweep:
             "rows": self.rows,
             "trace_effect": self.trace_effect,
             "best_layer": self.best_layer(),
+            "correlation": self.correlation(),
             "seconds": self.seconds,
         }
 
@@ -114,8 +136,10 @@ def layer_sweep(
 ) -> LayerSweep:
     """Make `request` at each of `layers` (one at a time, never stacked) and measure, with the edit applied:
     p(new) / p(true) on the prompt, efficacy (p(new) > p(true)), paraphrase (share of `paraphrases` where
-    p(new) > p(true)), neighbourhood (share of `neighbors` whose first greedy word is unchanged) and their
-    harmonic mean `score`; beside it the causal trace's mlp effect at that layer (`trace_samples` None: skip)."""
+    p(new) > p(true)), generation efficacy (share of the prompt's and paraphrases' greedy continuations,
+    TEXT_TOKENS new tokens, that name the new object), neighbourhood (share of `neighbors` whose first greedy
+    word is unchanged) and their harmonic mean `score`; beside it the causal trace's mlp effect at that layer
+    (`trace_samples` None: skip)."""
     started = time.perf_counter()
     request = validate_request(lm, request)
     base = hparams or RomeHyperParams()
@@ -135,6 +159,7 @@ def layer_sweep(
         with applied(lm, [edit]):
             new, true = probabilities()
             kept = _answers(lm, neighbors)
+            texts = continuations(lm, prompts, TEXT_TOKENS)
         efficacy = float(new[0] > true[0])
         paraphrase = float(np.mean(new[1:] > true[1:])) if paraphrases else float("nan")
         neighborhood = float(np.mean([a == b for a, b in zip(kept, neighbor_answers)])) if neighbors else float("nan")
@@ -147,9 +172,11 @@ def layer_sweep(
                 "p_true": float(true[0]),
                 "efficacy": efficacy,
                 "paraphrase": paraphrase,
+                "generation_efficacy": float(np.mean([names_object(t, request.target_new) for t in texts])),
                 "neighborhood": neighborhood,
                 "score": score,
                 "edit_seconds": edit.info.get("seconds"),
+                "texts": texts,
             }
         )
         if progress:
@@ -167,3 +194,44 @@ def layer_sweep(
         time.perf_counter() - started,
         {"p_new": float(new0[0]), "p_true": float(true0[0])},
     )
+
+
+@dataclass
+class AverageSweep:
+    """Sweeps of several facts averaged layer by layer (the same layers each)."""
+
+    layers: list[int]
+    means: dict[str, list[float]]  # measure (and "trace_effect") -> mean per layer
+    n: int
+    sweeps: list[LayerSweep]
+
+    def correlation(self) -> dict[str, float | None]:
+        return {m: correlation(self.means["trace_effect"], self.means[m]) for m in MEASURES}
+
+    def to_json(self) -> dict:
+        return {
+            "n": self.n,
+            "layers": self.layers,
+            "rows": [
+                {"layer": layer, **{m: values[i] for m, values in self.means.items()}}
+                for i, layer in enumerate(self.layers)
+            ],
+            "correlation": self.correlation(),
+            "facts": [s.to_json() for s in self.sweeps],
+        }
+
+
+def average_sweeps(sweeps: Sequence[LayerSweep]) -> AverageSweep:
+    """Mean of each measure and of the trace effect per layer over `sweeps` (NaN / None left out)."""
+    if not sweeps:
+        raise UserError("no sweep to average")
+    layers = sweeps[0].layers
+    if any(s.layers != layers for s in sweeps):
+        raise UserError("the sweeps cover different layers")
+    means = {}
+    for measure in (*MEASURES, "trace_effect"):
+        table = np.array([[np.nan if r[measure] is None else r[measure] for r in s.rows] for s in sweeps], dtype=float)
+        with np.errstate(all="ignore"):
+            column = [float(np.nanmean(col)) if not np.isnan(col).all() else float("nan") for col in table.T]
+        means[measure] = column
+    return AverageSweep(list(layers), means, len(sweeps), list(sweeps))
