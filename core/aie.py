@@ -1,7 +1,7 @@
 """Average indirect effect (AIE) of restored states over many known facts, by token category (paper Fig. 2).
 
 For each fact the model predicts, trace all kinds and average the indirect effect (restored score minus
-the fact's low score) over six token categories, as the paper's notebook groups them.
+the fact's corrupted score) over six token categories, as the paper's notebook groups them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from core.facts import Fact, predict
 from core.models import LoadedModel
 from core.progress import Progress, Step
 from core.prompts import token_categories, tokenize
+from core.trace_setup import score_json
 from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS, TraceResult, trace
 
 CATEGORIES = (
@@ -57,8 +58,8 @@ class AIEResult:
     seconds: float
     tables: dict[str, list[list[float]]]  # kind -> 6 x layers average indirect effect
     counts: dict[str, list[int]]  # kind -> token rows averaged per category
-    mean_high_score: float
-    mean_low_score: float
+    mean_clean_score: float
+    mean_corrupted_score: float
     traces: list[TraceResult] = field(default_factory=list, repr=False)
 
     def to_json(self) -> dict:
@@ -68,8 +69,7 @@ class AIEResult:
             "skipped": self.skipped,
             "seconds": self.seconds,
             "categories": list(CATEGORIES),
-            "mean_high_score": self.mean_high_score,
-            "mean_low_score": self.mean_low_score,
+            **score_json(self.mean_clean_score, self.mean_corrupted_score, prefix="mean_"),
             **{kind: {"scores": table, "rows": self.counts[kind]} for kind, table in self.tables.items()},
         }
 
@@ -122,7 +122,7 @@ def average_indirect_effect(
     started = time.perf_counter()
     means = {kind: [_Mean() for _ in CATEGORIES] for kind in kinds}
     target = len(facts) if limit is None else min(limit, len(facts))
-    used, skipped, highs, lows, traces = 0, 0, [], [], []
+    used, skipped, clean, corrupted, traces = 0, 0, [], [], []
     for fact in facts:
         if used >= target:
             break
@@ -138,8 +138,8 @@ def average_indirect_effect(
             effect = result.indirect_effect(kind)
             for mean, rows in zip(means[kind], token_categories(result.subject_range, len(result.tokens))):
                 mean.add(effect[rows])
-        highs.append(result.high_score)
-        lows.append(result.low_score)
+        clean.append(result.clean_score)
+        corrupted.append(result.corrupted_score)
         if keep_traces:
             traces.append(result)
         used += 1
@@ -153,7 +153,7 @@ def average_indirect_effect(
         seconds=time.perf_counter() - started,
         tables={kind: [m.mean(layers) for m in means[kind]] for kind in kinds},
         counts={kind: [m.count for m in means[kind]] for kind in kinds},
-        mean_high_score=float(np.mean(highs)) if highs else float("nan"),
-        mean_low_score=float(np.mean(lows)) if lows else float("nan"),
+        mean_clean_score=float(np.mean(clean)) if clean else float("nan"),
+        mean_corrupted_score=float(np.mean(corrupted)) if corrupted else float("nan"),
         traces=traces,
     )

@@ -46,7 +46,7 @@ from core.sentiment import (
     word_ids,
 )
 from core.trace_cost import check_estimate_fits
-from core.trace_setup import TraceSetup, prepare, probability_metric
+from core.trace_setup import TraceSetup, prepare, probability_metric, score_json
 from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS, TraceResult, get_engine, trace_setup
 
 MAX_TRACE_TOKENS = 48  # prompt tokens (text + suffix) an exact engine accepts by default
@@ -114,8 +114,7 @@ class SentimentTrace:
             "tokens": self.tokens,
             "text_range": list(self.text_range),
             "corrupt_range": list(self.corrupt_range),
-            "clean_score": self.clean_score,
-            "corrupted_score": self.corrupted_score,
+            **score_json(self.clean_score, self.corrupted_score),
             "samples": self.samples,
             "window": self.window,
             "noise": self.noise,
@@ -205,8 +204,8 @@ def as_sentiment_trace(
         tokens=result.tokens,
         text_range=text_range,
         corrupt_range=result.subject_range,
-        clean_score=result.high_score,
-        corrupted_score=result.low_score,
+        clean_score=result.clean_score,
+        corrupted_score=result.corrupted_score,
         scores=dict(result.scores),
         samples=result.samples,
         window=result.window,

@@ -1,9 +1,10 @@
 """Causal tracing (Meng et al. 2022, section 2): which hidden states carry a fact to the model's answer.
 
-1. Clean run: the answer is the clean top-1 next token, `high_score` its probability.
+1. Clean run: the answer is the clean top-1 next token, `clean_score` its probability.
 2. Corrupted run: Gaussian noise on the input embeddings of the subject tokens, `samples` noisy copies,
    drawn exactly as the paper's code draws it (`numpy.random.RandomState(1).randn(samples, tokens, hidden)`
-   times the scale); `low_score` = mean probability of the answer over the copies.
+   times the scale); `corrupted_score` = mean probability of the answer over the copies.
+   (The JSON names them `high_score` / `low_score`, as the paper's code does: core.trace_setup.score_json.)
 3. Corrupted-with-restoration: for each (token i, layer l) one state is set back to its clean value and the
    answer's mean probability recorded. Kinds: `hidden` (block outputs), `mlp` and `attn` (module outputs,
    restored at every layer of a window around l, as the paper's code).
@@ -53,6 +54,7 @@ from core.trace_setup import (  # noqa: F401
     noise_scale,
     prepare,
     probability_metric,
+    score_json,
     window_layers,
 )
 
@@ -100,8 +102,8 @@ class TraceResult:
     subject_range: tuple[int, int]  # the corrupted token span [start, end)
     answer: str
     answer_id: int
-    high_score: float
-    low_score: float
+    clean_score: float
+    corrupted_score: float
     scores: dict[str, np.ndarray]  # kind -> (tokens, layers) restored score
     noise: float
     samples: int
@@ -112,7 +114,7 @@ class TraceResult:
     exact: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> (tokens, layers) bool, estimate engine only
 
     def indirect_effect(self, kind: str) -> np.ndarray:
-        return self.scores[kind] - self.low_score
+        return self.scores[kind] - self.corrupted_score
 
     def to_json(self) -> dict:
         return {
@@ -122,8 +124,7 @@ class TraceResult:
             "answer": self.answer,
             "tokens": self.tokens,
             "subject_range": list(self.subject_range),
-            "high_score": self.high_score,
-            "low_score": self.low_score,
+            **score_json(self.clean_score, self.corrupted_score),
             "noise": self.noise,
             "samples": self.samples,
             "window": self.window,
@@ -243,8 +244,8 @@ def result_from(
         subject_range=setup.corrupt_range,
         answer=setup.answer,
         answer_id=setup.answer_id,
-        high_score=setup.high_score,
-        low_score=setup.low_score,
+        clean_score=setup.clean_score,
+        corrupted_score=setup.corrupted_score,
         scores=scores,
         noise=setup.noise_level,
         samples=setup.samples,

@@ -194,8 +194,8 @@ if result is not None and result.model == lm.name:
     st.subheader(f"{result.prompt!r} → {result.answer!r}")
     m = st.columns(5)
     m[0].metric("Answer", repr(result.answer))
-    m[1].metric("p(answer), clean", f"{result.high_score:.4f}")
-    m[2].metric("p(answer), subject corrupted", f"{result.low_score:.4f}")
+    m[1].metric("p(answer), clean", f"{result.clean_score:.4f}")
+    m[2].metric("p(answer), subject corrupted", f"{result.corrupted_score:.4f}")
     m[3].metric("Noise / samples", f"{result.noise:.3f} / {result.samples}")
     m[4].metric("Time", f"{result.seconds:.1f} s")
     if not run:  # drawn during the run already

@@ -126,8 +126,8 @@ if result is not None and result.model == lm.name:
     m = st.columns(5)
     m[0].metric("Facts averaged", result.n)
     m[1].metric("Skipped (not known)", result.skipped)
-    m[2].metric("Mean p(answer), clean", f"{result.mean_high_score:.3f}")
-    m[3].metric("Mean p(answer), corrupted", f"{result.mean_low_score:.3f}")
+    m[2].metric("Mean p(answer), clean", f"{result.mean_clean_score:.3f}")
+    m[3].metric("Mean p(answer), corrupted", f"{result.mean_corrupted_score:.3f}")
     m[4].metric("Time", f"{result.seconds:.0f} s")
     columns = st.columns(len(result.tables))
     for col, kind in zip(columns, result.tables):

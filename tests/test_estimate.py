@@ -51,12 +51,12 @@ def test_first_order_terms_equal_finite_differences(tiny):
             eps = 1e-2  # rotary tables stay float32: a wider step keeps their rounding out of the difference
             derivative = partly_restored(setup, position, names, eps) - partly_restored(setup, position, names, -eps)
             derivative /= 2 * eps
-            assert table[position, layer] - setup.low_score == pytest.approx(derivative, rel=1e-2, abs=1e-3), (
+            assert table[position, layer] - setup.corrupted_score == pytest.approx(derivative, rel=1e-2, abs=1e-3), (
                 kind,
                 position,
                 layer,
             )
-        np.testing.assert_array_equal(table[:start], setup.low_score)
+        np.testing.assert_array_equal(table[:start], setup.corrupted_score)
 
 
 def test_hidden_estimate_is_exact_for_the_last_layer_in_linear_space(tiny):
@@ -67,7 +67,7 @@ def test_hidden_estimate_is_exact_for_the_last_layer_in_linear_space(tiny):
     table = estimate_table(setup, record_gradients(setup, ("hidden",), space="linear"), "hidden")
     exact = fast_kind(setup, "hidden")
     last, top = setup.num_tokens - 1, tiny.num_layers - 1
-    est, ex = table[last, top] - setup.low_score, exact[last, top] - setup.low_score
+    est, ex = table[last, top] - setup.corrupted_score, exact[last, top] - setup.corrupted_score
     assert np.sign(est) == np.sign(ex)
 
 
@@ -135,7 +135,7 @@ def test_embedded_estimate_finds_the_exact_peak_region(embedded):
     estimate = estimate_table(setup, gradients, "hidden")
     exact = fast_kind(setup, "hidden")
     start = setup.corrupt_range[0]
-    e, x = estimate[start:] - setup.low_score, exact[start:] - setup.low_score
+    e, x = estimate[start:] - setup.corrupted_score, exact[start:] - setup.corrupted_score
     # the strongest row (token) agrees, and the estimate's peak cell is a strong cell of the exact table
     assert np.argmax(e.max(axis=1)) == np.argmax(x.max(axis=1))
     peak = np.unravel_index(np.argmax(e), e.shape)

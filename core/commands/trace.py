@@ -78,8 +78,9 @@ def run(args: argparse.Namespace) -> dict:
     result = run_engine(setup, args, kinds, started)
     start, end = result.subject_range
     print(
-        f"{lm.name}: {args.prompt!r} -> {result.answer!r}  high {result.high_score:.4f}  low {result.low_score:.4f}  "
-        f"subject tokens {start}..{end - 1}  {result.seconds:.1f} s ({args.engine})"
+        f"{lm.name}: {args.prompt!r} -> {result.answer!r}  clean {result.clean_score:.4f}  "
+        f"corrupted {result.corrupted_score:.4f}  subject tokens {start}..{end - 1}  "
+        f"{result.seconds:.1f} s ({args.engine})"
     )
     for kind in kinds:
         effect = result.indirect_effect(kind)
