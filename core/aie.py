@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.budget import TraceCost, check_trace
+from core.budget import TraceSize, check_trace
 from core.errors import UserError
 from core.facts import Fact, predict
 from core.models import LoadedModel
@@ -80,26 +80,20 @@ class AIEResult:
         return CATEGORIES[c], int(layer), float(table[c, layer])
 
 
-def fact_cost(lm: LoadedModel, fact: Fact, samples: int, kinds: int) -> TraceCost:
-    """The cost of tracing `fact` (core.budget), or a UserError naming it when it is over a cap."""
+def fact_size(lm: LoadedModel, fact: Fact, samples: int, kinds: int) -> TraceSize:
+    """The memory of tracing `fact` (core.budget), or a UserError naming it when it is over a cap."""
     prompt = tokenize(lm.tokenizer, fact.prompt, fact.subject)
     try:
-        return check_trace(lm, len(prompt.input_ids), prompt.subject_range[0], samples, kinds)
+        return check_trace(lm, len(prompt.input_ids), samples=samples, kinds=kinds)
     except UserError as err:
         raise UserError(f"the fact {fact.prompt!r}: {err}") from None
 
 
-def aie_cost(lm: LoadedModel, facts: Sequence[Fact], limit: int | None, samples: int, kinds: int) -> TraceCost:
-    """The estimate of tracing `limit` facts, taking the first ones as if the model knew each of them."""
+def aie_size(lm: LoadedModel, facts: Sequence[Fact], limit: int | None, samples: int, kinds: int) -> TraceSize:
+    """The largest memory of tracing the first `limit` facts (one at a time), or a UserError naming a fact over
+    a cap."""
     chosen = facts[: len(facts) if limit is None else limit]
-    costs = [fact_cost(lm, fact, samples, kinds) for fact in chosen]
-    return TraceCost(
-        tokens=max(c.tokens for c in costs),
-        kinds=kinds,
-        block_positions=sum(c.block_positions for c in costs),
-        memory_bytes=max(c.memory_bytes for c in costs),
-        seconds=sum(c.seconds for c in costs),
-    )
+    return max((fact_size(lm, fact, samples, kinds) for fact in chosen), key=lambda size: size.memory_bytes)
 
 
 def average_indirect_effect(
@@ -129,7 +123,7 @@ def average_indirect_effect(
         with step():
             known = predict(lm, fact).known
             if known:
-                fact_cost(lm, fact, samples, len(kinds))  # over a cap: one clear error, before its trace
+                fact_size(lm, fact, samples, len(kinds))  # over a cap: one clear error, before its trace
                 result = trace(lm, fact.prompt, fact.subject, kinds=kinds, samples=samples, noise=noise, window=window)
         if not known:
             skipped += 1

@@ -9,8 +9,8 @@ copies, costs in the fast engine about samples x (T - s)^2 / 2 x L^2 / 2 block-p
 it grows with the square of the traced length (cells before the span are free). A 12-token prompt on the
 embedded model is ~40 k block-positions per kind at 10 samples; 36 tokens ~9 x that. `max_tokens` (default
 MAX_TRACE_TOKENS) refuses longer prompts with a clear error; corrupting a span near the end, fewer samples or
-fewer kinds make a long text affordable. core.budget.trace_cost gives the estimate before running, and
-core.budget.check_trace refuses one over the memory cap (core/trace_cost.py gives the seconds).
+fewer kinds make a long text affordable. core.budget.check_trace refuses one beyond the model's context or
+over the memory cap; core/trace_cost.py forecasts its seconds.
 
 The estimate engine (core/estimate_tracing.py) costs one forward + backward whatever the length: it has no
 such cap, only the model's context and the memory its backward needs (core/trace_cost.check_estimate_fits).
@@ -242,7 +242,7 @@ def trace_sentiment(
         lm, text, proxy, span=span, samples=samples, noise=noise, window=window, engine=engine, max_tokens=max_tokens
     )
     if get_engine(engine).exact:  # exact engines record every state: capped by memory
-        check_trace(lm, setup.num_tokens, setup.corrupt_range[0], samples, len(kinds))
+        check_trace(lm, setup.num_tokens, samples=samples, kinds=len(kinds))
 
     def convert(result: TraceResult) -> SentimentTrace:
         return as_sentiment_trace(result, text, text_range, proxy)

@@ -9,7 +9,7 @@ from pathlib import Path
 import streamlit as st
 
 from core import charts
-from core.aie import aie_cost
+from core.aie import aie_size
 from core.errors import UserError
 from core.facts import DEFAULT_FACTS, load_facts
 from core.tracing import KINDS
@@ -21,8 +21,8 @@ from ui.common import (
     model_caption,
     page,
     run_aie,
-    show_cost,
     show_error,
+    show_size,
 )
 
 page("Averages", ":material/show_chart:")
@@ -90,7 +90,11 @@ def read_facts():
     return facts, "upload:" + digest(data)
 
 
-show_cost(lambda: aie_cost(lm, read_facts()[0], int(limit), int(samples), max(len(kinds), 1)))
+show_size(
+    lambda: aie_size(lm, read_facts()[0], int(limit), int(samples), max(len(kinds), 1)),
+    "Memory (the longest fact, traced one at a time)",
+    "",
+)
 
 
 if run:

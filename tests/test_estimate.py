@@ -145,12 +145,19 @@ def test_embedded_estimate_finds_the_exact_peak_region(embedded):
 def test_cost_forecast_and_memory_limit(tokenizer):
     from core.errors import UserError
     from core.tiny import tiny_model
-    from core.trace_cost import check_estimate_fits, engine_macs, estimate_memory_bytes, estimated_seconds
+    from core.trace_cost import check_estimate_fits, engine_macs, estimate_memory_bytes, estimated_seconds, logit_macs
 
     lm = tiny_model("gpt2", tokenizer)
     fast = engine_macs(lm, "fast", 12, 0, 10, 10, ("hidden",))
     assert engine_macs(lm, "naive", 12, 0, 10, 10, ("hidden",)) > fast > engine_macs(lm, "estimate", 12, 0, 10, 10, ())
-    assert engine_macs(lm, "fast", 12, 6, 10, 10, ("hidden",)) < fast  # cells before the span are free
+    # cells before the span are free: 12 tokens corrupted from token 6 cost what 6 tokens corrupted from 0 do
+    assert engine_macs(lm, "fast", 12, 6, 10, 10, ("hidden",)) == engine_macs(lm, "fast", 6, 0, 10, 10, ("hidden",))
+    # the blocks' work grows with the square of the traced length (the logits' only with the length)
+    blocks = {
+        t: engine_macs(lm, "fast", t, 0, 10, 10, ("hidden",)) - 10 * t * lm.num_layers * logit_macs(lm)
+        for t in (10, 20)
+    }
+    assert blocks[20] == pytest.approx(4 * blocks[10], rel=0.15)
     setup = prepare(lm, PROMPT, SUBJECT, samples=2)
     assert setup.forward_seconds > 0
     assert estimated_seconds(setup, "naive", KINDS) > estimated_seconds(setup, "fast", KINDS) > 0

@@ -52,15 +52,20 @@ def bar_progress(bar, what: str) -> Progress:
 LOG = logging.getLogger("rome_studio")
 
 
-def show_cost(estimate: Callable[[], object]) -> UserError | None:
-    """Caption the estimate (a core.budget.TraceCost) of the work a button starts, before it is pressed; returns
-    why the work would be refused (a UserError), or None."""
+TIME_NOTE = "Its time is forecast when it starts, from its measured clean and corrupted runs."
+
+
+def show_size(check: Callable[[], object], label: str = "Memory", note: str = TIME_NOTE) -> UserError | None:
+    """Caption the memory (a core.budget.TraceSize, from `check`) of the work a button starts, before it is
+    pressed, and `note`; returns why the work would be refused (a UserError), or None. How long a trace takes is
+    forecast once, when it starts (core.trace_cost.estimated_seconds, shown by the page)."""
     try:
-        cost = estimate()
+        size = check()
     except UserError as err:
         st.caption(f":material/block: {err}")
         return err
-    st.caption(f"Estimated cost: {cost.describe()} (rough; results already kept here are instant).")
+    parts = (f"{label}: {size.describe()}.", note, "Results already kept here are instant.")
+    st.caption(" ".join(part for part in parts if part))
     return None
 
 

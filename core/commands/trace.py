@@ -55,7 +55,7 @@ def run_engine(setup, args: argparse.Namespace, kinds, started: float) -> TraceR
     """Trace `setup` with the command's engine (--engine, --verify, --samples): an exact engine's cap checked
     first (context, memory), the time forecast printed, a progress bar while it runs."""
     if args.engine != "estimate":  # the exact engines record every state: capped by context and memory
-        check_trace(setup.lm, setup.num_tokens, setup.corrupt_range[0], args.samples, len(kinds))
+        check_trace(setup.lm, setup.num_tokens, samples=args.samples, kinds=len(kinds))
     forecast(setup, args.engine, kinds)
     with progress_bar(f"tracing ({args.engine})") as progress:
         return trace_setup(
