@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ from core.estimate_tracing import estimate_kind, record_gradients
 from core.fast_tracing import fast_kind, record_runs
 from core.models import LoadedModel
 from core.naive_tracing import naive_kind  # noqa: F401  (re-exported)
+from core.progress import Step
 
 # Re-exported: the shared names have always been importable from here.
 from core.trace_setup import (  # noqa: F401
@@ -168,22 +170,29 @@ def trace_setup(
     on_kind: Callable[[TraceResult, str], None] | None = None,
     on_row: Callable[[str, int, np.ndarray], None] | None = None,
     started: float | None = None,
+    step: Step = nullcontext,
 ) -> TraceResult:
     """Trace a prepared setup: the engine's shared recording once, then each kind in turn; `on_kind(result,
     kind)` sees the result as soon as a kind is done (its table in result.scores), `on_row(kind, position, row)`
     each finished row. progress(done, total) counts rows over all kinds. `engine_options` go to the engine's
-    recording (the estimate's `verify=K`: its K strongest cells per kind computed exactly)."""
+    recording (the estimate's `verify=K`: its K strongest cells per kind computed exactly).
+
+    The recording and each kind run inside a `step()` of their own: the app passes its session's edits applied
+    under the model's lock (core.edits.applied), so the lock is taken per kind, not for the whole trace (the
+    recorded runs stay valid in between: each step applies the same edits)."""
     kinds = check_kinds(kinds)
     chosen = get_engine(engine_name)
     started = time.perf_counter() if started is None else started
     result = result_from(setup, {}, chosen.name, 0.0, {})
-    recorded = chosen.record(setup, tuple(kinds), **(engine_options or {}))
+    with step():
+        recorded = chosen.record(setup, tuple(kinds), **(engine_options or {}))
     rows = setup.num_tokens
     for k, kind in enumerate(kinds):
         kind_start = time.perf_counter()
         kind_progress = (lambda done, total, k=k: progress(k * rows + done, len(kinds) * rows)) if progress else None
         kind_row = (lambda position, row, kind=kind: on_row(kind, position, row)) if on_row else None
-        result.scores[kind] = chosen.kind(setup, kind, kind_progress, recorded, kind_row)
+        with step():
+            result.scores[kind] = chosen.kind(setup, kind, kind_progress, recorded, kind_row)
         result.kind_seconds[kind] = time.perf_counter() - kind_start
         exact = getattr(recorded, "exact", None)
         if exact and kind in exact:

@@ -175,6 +175,35 @@ def test_trace_calls_on_kind_and_on_row_and_records_once(tiny, monkeypatch):
     assert rows == [(kind, p) for kind in KINDS for p in range(start, len(result.tokens))]
 
 
+def test_trace_setup_runs_the_recording_and_each_kind_in_a_step_of_its_own(tokenizer):
+    from contextlib import contextmanager
+
+    from core.tracing import trace_setup
+
+    setup = prepare(tiny_model("gpt2", tokenizer), PROMPT, SUBJECT, samples=2, window=2)
+    events, inside = [], []
+
+    @contextmanager
+    def step():
+        inside.append(True)
+        events.append("step")
+        yield
+        inside.pop()
+
+    def on_kind(result, kind):
+        assert not inside  # drawing a finished kind needs no lock
+        events.append(kind)
+
+    def on_row(kind, position, row):
+        assert inside  # the rows are computed under the step
+        events.append("row")
+
+    result = trace_setup(setup, kinds=KINDS, on_kind=on_kind, on_row=on_row, step=step)
+    assert set(result.scores) == set(KINDS) and "row" in events
+    steps = [e for e in events if e != "row"]
+    assert steps == ["step", *(x for kind in KINDS for x in ("step", kind))]  # the recording, then one per kind
+
+
 def test_bad_trace_input_is_refused(tiny):
     from core.errors import UserError
 
