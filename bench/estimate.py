@@ -41,9 +41,9 @@ def agreement(setup, estimate: np.ndarray, exact: np.ndarray, top: int = 10) -> 
     from scipy.stats import spearmanr
 
     start = setup.corrupt_range[0]
-    direction = 1.0 if setup.high_score >= setup.low_score else -1.0
-    e = (estimate[start:] - setup.low_score) * direction
-    x = (exact[start:] - setup.low_score) * direction
+    direction = 1.0 if setup.clean_score >= setup.corrupted_score else -1.0
+    e = (estimate[start:] - setup.corrupted_score) * direction
+    x = (exact[start:] - setup.corrupted_score) * direction
     rho = float(spearmanr(e.ravel(), x.ravel()).statistic)
     pe, px = np.unravel_index(np.argmax(e), e.shape), np.unravel_index(np.argmax(x), x.shape)
     top_e = set(np.argsort(-e, axis=None)[:top].tolist())

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaC
 
 from core.models import wrap_model
 from core.precision import tf32_matmuls
+from core.trace_setup import score_json
 from core.tracing import KINDS, trace
 
 SHAPES = {
@@ -127,8 +128,7 @@ def run_shape(
             "fast_fp32_seconds": fp32_s,
             "fast_tf32_seconds": tf32_s,
             "tf32_vs_fp32": compare(table(fp32), table(tf32)),
-            "high_score": fp32.high_score,
-            "low_score": fp32.low_score,
+            **score_json(fp32.clean_score, fp32.corrupted_score),
         }
         if with_naive and label == "fact" and time.perf_counter() < deadline - 120:
             naive, naive_s = synced_seconds(lambda: trace(lm, prompt, subject, engine="naive"))

@@ -113,6 +113,7 @@ def throughput(lm, args) -> dict:
 
 def trace_average(lm, args) -> dict:
     from core.sentiment_trace import average_traces, default_proxy, text_token_range, trace_sentiment
+    from core.trace_setup import score_json
 
     dev = load_labelled(DATA / "dev.tsv")
     proxy = default_proxy(lm, DATA / "train.tsv")
@@ -141,8 +142,7 @@ def trace_average(lm, args) -> dict:
                 {
                     "text": t.text,
                     "tokens": t.tokens,
-                    "clean": t.clean_score,
-                    "corrupted": t.corrupted_score,
+                    **score_json(t.clean_score, t.corrupted_score),
                     "seconds": t.seconds,
                     "peaks": {k: t.peak(k) for k in t.scores},
                 }

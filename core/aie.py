@@ -1,7 +1,7 @@
 """Average indirect effect (AIE) of restored states over many known facts, by token category (paper Fig. 2).
 
 For each fact the model predicts, trace all kinds and average the indirect effect (restored score minus
-the fact's low score) over six token categories, as the paper's notebook groups them.
+the fact's corrupted score) over six token categories, as the paper's notebook groups them.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.budget import TraceCost, check_trace
+from core.budget import TraceSize, check_trace
 from core.errors import UserError
 from core.facts import Fact, predict
 from core.models import LoadedModel
 from core.progress import Progress, Step
 from core.prompts import token_categories, tokenize
+from core.trace_setup import score_json
 from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS, TraceResult, trace
 
 CATEGORIES = (
@@ -57,8 +58,8 @@ class AIEResult:
     seconds: float
     tables: dict[str, list[list[float]]]  # kind -> 6 x layers average indirect effect
     counts: dict[str, list[int]]  # kind -> token rows averaged per category
-    mean_high_score: float
-    mean_low_score: float
+    mean_clean_score: float
+    mean_corrupted_score: float
     traces: list[TraceResult] = field(default_factory=list, repr=False)
 
     def to_json(self) -> dict:
@@ -68,8 +69,7 @@ class AIEResult:
             "skipped": self.skipped,
             "seconds": self.seconds,
             "categories": list(CATEGORIES),
-            "mean_high_score": self.mean_high_score,
-            "mean_low_score": self.mean_low_score,
+            **score_json(self.mean_clean_score, self.mean_corrupted_score, prefix="mean_"),
             **{kind: {"scores": table, "rows": self.counts[kind]} for kind, table in self.tables.items()},
         }
 
@@ -80,26 +80,20 @@ class AIEResult:
         return CATEGORIES[c], int(layer), float(table[c, layer])
 
 
-def fact_cost(lm: LoadedModel, fact: Fact, samples: int, kinds: int) -> TraceCost:
-    """The cost of tracing `fact` (core.budget), or a UserError naming it when it is over a cap."""
+def fact_size(lm: LoadedModel, fact: Fact, samples: int, kinds: int) -> TraceSize:
+    """The memory of tracing `fact` (core.budget), or a UserError naming it when it is over a cap."""
     prompt = tokenize(lm.tokenizer, fact.prompt, fact.subject)
     try:
-        return check_trace(lm, len(prompt.input_ids), prompt.subject_range[0], samples, kinds)
+        return check_trace(lm, len(prompt.input_ids), samples=samples, kinds=kinds)
     except UserError as err:
         raise UserError(f"the fact {fact.prompt!r}: {err}") from None
 
 
-def aie_cost(lm: LoadedModel, facts: Sequence[Fact], limit: int | None, samples: int, kinds: int) -> TraceCost:
-    """The estimate of tracing `limit` facts, taking the first ones as if the model knew each of them."""
+def aie_size(lm: LoadedModel, facts: Sequence[Fact], limit: int | None, samples: int, kinds: int) -> TraceSize:
+    """The largest memory of tracing the first `limit` facts (one at a time), or a UserError naming a fact over
+    a cap."""
     chosen = facts[: len(facts) if limit is None else limit]
-    costs = [fact_cost(lm, fact, samples, kinds) for fact in chosen]
-    return TraceCost(
-        tokens=max(c.tokens for c in costs),
-        kinds=kinds,
-        block_positions=sum(c.block_positions for c in costs),
-        memory_bytes=max(c.memory_bytes for c in costs),
-        seconds=sum(c.seconds for c in costs),
-    )
+    return max((fact_size(lm, fact, samples, kinds) for fact in chosen), key=lambda size: size.memory_bytes)
 
 
 def average_indirect_effect(
@@ -122,14 +116,14 @@ def average_indirect_effect(
     started = time.perf_counter()
     means = {kind: [_Mean() for _ in CATEGORIES] for kind in kinds}
     target = len(facts) if limit is None else min(limit, len(facts))
-    used, skipped, highs, lows, traces = 0, 0, [], [], []
+    used, skipped, clean, corrupted, traces = 0, 0, [], [], []
     for fact in facts:
         if used >= target:
             break
         with step():
             known = predict(lm, fact).known
             if known:
-                fact_cost(lm, fact, samples, len(kinds))  # over a cap: one clear error, before its trace
+                fact_size(lm, fact, samples, len(kinds))  # over a cap: one clear error, before its trace
                 result = trace(lm, fact.prompt, fact.subject, kinds=kinds, samples=samples, noise=noise, window=window)
         if not known:
             skipped += 1
@@ -138,8 +132,8 @@ def average_indirect_effect(
             effect = result.indirect_effect(kind)
             for mean, rows in zip(means[kind], token_categories(result.subject_range, len(result.tokens))):
                 mean.add(effect[rows])
-        highs.append(result.high_score)
-        lows.append(result.low_score)
+        clean.append(result.clean_score)
+        corrupted.append(result.corrupted_score)
         if keep_traces:
             traces.append(result)
         used += 1
@@ -153,7 +147,7 @@ def average_indirect_effect(
         seconds=time.perf_counter() - started,
         tables={kind: [m.mean(layers) for m in means[kind]] for kind in kinds},
         counts={kind: [m.count for m in means[kind]] for kind in kinds},
-        mean_high_score=float(np.mean(highs)) if highs else float("nan"),
-        mean_low_score=float(np.mean(lows)) if lows else float("nan"),
+        mean_clean_score=float(np.mean(clean)) if clean else float("nan"),
+        mean_corrupted_score=float(np.mean(corrupted)) if corrupted else float("nan"),
         traces=traces,
     )

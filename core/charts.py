@@ -107,10 +107,10 @@ def trace_heatmap(result, kind: str, width: int | str = 360) -> alt.Chart:
         title=f"Restoring the {KIND_LABELS.get(kind, kind)}",
         subtitle=[
             f"answer {answer!r}",
-            f"p = {result.high_score:.3f} clean, {result.low_score:.3f} with the subject (*) corrupted",
+            f"p = {result.clean_score:.3f} clean, {result.corrupted_score:.3f} with the subject (*) corrupted",
         ],
         legend=f"p({answer.strip() or repr(answer)}) after restoring",
-        baseline=result.low_score,
+        baseline=result.corrupted_score,
         width=width,
     )
 
@@ -192,8 +192,8 @@ def aie_lines(result, kind: str, width: int | str = 360) -> alt.Chart:
         kind,
         title=f"Average indirect effect of the {KIND_LABELS.get(kind, kind)}",
         subtitle=(
-            f"{result.n} facts; mean p(answer) {result.mean_high_score:.3f} clean, "
-            f"{result.mean_low_score:.3f} corrupted"
+            f"{result.n} facts; mean p(answer) {result.mean_clean_score:.3f} clean, "
+            f"{result.mean_corrupted_score:.3f} corrupted"
         ),
         width=width,
     )

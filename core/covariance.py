@@ -14,6 +14,8 @@ Corpora:
 - `wikitext`: WikiText-103 through the optional `datasets` package when the user has it (the paper used
   Wikipedia); a clear error when the package or its data is missing.
 - `identity`: no corpus, C = I (plain least squares; measured against `generated` in bench/edit.py).
+
+The tokens are capped (MAX_STATS_TOKENS); `statistics_seconds` gives a rough time before an uncached run.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ DEFAULT_TOKENS = 16_384  # keys per statistic: >10x the embedded model's key siz
 MAX_STATS_TOKENS = 8 * DEFAULT_TOKENS  # a shared server's cap: ~20 min of CPU for the embedded model
 SEQUENCE_LENGTH = 128
 GENERATION_SEED = 1234
+ROUGH_FLOPS = {"cpu": 50e9, "cuda": 20e12, "mps": 2e12}  # sustained rates for `statistics_seconds` (rough)
 
 
 @dataclass
@@ -288,3 +291,10 @@ def key_statistics(
 def statistics_cached(lm: LoadedModel, layer: int, corpus: str = DEFAULT_CORPUS, tokens: int = DEFAULT_TOKENS) -> bool:
     """Whether `key_statistics` would return at once (no corpus pass)."""
     return corpus == "identity" or stats_path(lm, layer, corpus, tokens).exists()
+
+
+def statistics_seconds(lm: LoadedModel, tokens: int) -> float:
+    """A rough estimate of computing key statistics over `tokens` generated tokens: sampling them one at a time
+    (every layer and the logits), then reading the keys (the layers up to the key's, counted as all)."""
+    device = lm.device.type if lm.device.type in ROUGH_FLOPS else "cpu"
+    return 2 * 2 * tokens * lm.num_parameters / ROUGH_FLOPS[device]

@@ -16,7 +16,7 @@ Two readings of the terms (`SPACES`):
     p(positive)): the same first-order step taken in log-odds, est = mean_s sigmoid(logit(m_s) + t_s / (m_s
     (1 - m_s))), so an estimate stays inside (0, 1) and a restoration that lifts a small probability is not
     flattened by the softmax's curvature at the corrupted point.
-Cells before the corrupted span equal the low score, exactly (no noise reaches them).
+Cells before the corrupted span equal the corrupted score, exactly (no noise reaches them).
 
 Optionally the estimate's `verify` strongest cells per kind are then computed exactly with the fast engine
 (core/fast_tracing.py) and replace the estimate there, repeated while unverified cells enter the top `verify`
@@ -135,19 +135,19 @@ def estimate_table(setup: TraceSetup, gradients: Gradients, kind: str, space: st
         p = m.clamp(_EPS, 1 - _EPS)
         moved = torch.logit(p) + cell_terms / (p * (1 - p))
         table = torch.sigmoid(moved).mean(0)
-        # cells the restoration cannot reach keep the low score exactly
-        table = torch.where((cell_terms == 0).all(0), torch.tensor(setup.low_score, dtype=table.dtype), table)
+        # cells the restoration cannot reach keep the corrupted score exactly
+        table = torch.where((cell_terms == 0).all(0), torch.tensor(setup.corrupted_score, dtype=table.dtype), table)
     else:
-        table = setup.low_score + cell_terms.mean(0)
+        table = setup.corrupted_score + cell_terms.mean(0)
     table = table.numpy().copy()
-    table[: setup.corrupt_range[0]] = setup.low_score
+    table[: setup.corrupt_range[0]] = setup.corrupted_score
     return table
 
 
 def strongest_cells(setup: TraceSetup, table: np.ndarray, k: int) -> list[tuple[int, int]]:
     """The k cells whose estimate moves the metric furthest towards the clean score."""
-    direction = 1.0 if setup.high_score >= setup.low_score else -1.0
-    effect = (table - setup.low_score) * direction
+    direction = 1.0 if setup.clean_score >= setup.corrupted_score else -1.0
+    effect = (table - setup.corrupted_score) * direction
     effect[: setup.corrupt_range[0]] = -np.inf
     order = np.argsort(-effect, axis=None, kind="stable")[: max(0, k)]
     return [tuple(int(v) for v in np.unravel_index(i, table.shape)) for i in order]
@@ -164,7 +164,7 @@ def estimate_kind(
     gradients = gradients or record_gradients(setup, (kind,))
     table = estimate_table(setup, gradients, kind)
     exact = np.zeros(table.shape, dtype=bool)
-    exact[: setup.corrupt_range[0]] = True  # the low score, exactly
+    exact[: setup.corrupt_range[0]] = True  # the corrupted score, exactly
     if gradients.verify > 0:
         from core.fast_tracing import fast_cells, record_runs
 

@@ -9,7 +9,7 @@ first restored layer. So for every cell we reuse the corrupted run's states ther
   - MLP outputs that are read: not position i's where an `mlp` restoration overwrites it, and in the last
     block only the last position's,
   - the last position's logits.
-Cells before the corrupted span see no noise at all: they equal the low score. Windowed cells that start at
+Cells before the corrupted span see no noise at all: they equal the corrupted score. Windowed cells that start at
 the same block (the first window//2 + 1 layers) are one computation until their windows part.
 
 Cells of one position are batched by layer: walking up the blocks, the cells whose computation starts at a
@@ -218,7 +218,7 @@ def fast_kind(
     lm = setup.lm
     tokens, layers = setup.num_tokens, lm.num_layers
     runs = runs or record_runs(setup, (kind,))
-    table = np.full((tokens, layers), setup.low_score)
+    table = np.full((tokens, layers), setup.corrupted_score)
     first = setup.corrupt_range[0]
     with torch.no_grad():
         for position in range(tokens):
@@ -248,7 +248,7 @@ def fast_cells(
         for position, layers in sorted(by_position.items()):
             layers = sorted(set(layers))
             if position < first:
-                out.update({(position, layer): setup.low_score for layer in layers})
+                out.update({(position, layer): setup.corrupted_score for layer in layers})
                 continue
             if kind == "hidden":
                 values = hidden_row(setup, runs, position, layers)

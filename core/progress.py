@@ -1,7 +1,7 @@
 """How long work reports and paces itself: the one progress type, `progress(done, total)`, called as the work
 advances (tqdm in the CLI, st.progress in the app; every module that reports progress takes a
 `Progress | None`), and `Step`, a context each step of the work runs in (the app: the model's lock, taken per
-fact or per batch so other sessions get their turn)."""
+fact, per batch or per kind of a trace, so other sessions get their turn)."""
 
 from __future__ import annotations
 

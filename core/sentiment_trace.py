@@ -9,8 +9,8 @@ copies, costs in the fast engine about samples x (T - s)^2 / 2 x L^2 / 2 block-p
 it grows with the square of the traced length (cells before the span are free). A 12-token prompt on the
 embedded model is ~40 k block-positions per kind at 10 samples; 36 tokens ~9 x that. `max_tokens` (default
 MAX_TRACE_TOKENS) refuses longer prompts with a clear error; corrupting a span near the end, fewer samples or
-fewer kinds make a long text affordable. core.budget.trace_cost gives the estimate before running, and
-core.budget.check_trace refuses one over the memory cap (core/trace_cost.py gives the seconds).
+fewer kinds make a long text affordable. core.budget.check_trace refuses one beyond the model's context or
+over the memory cap; core/trace_cost.py forecasts its seconds.
 
 The estimate engine (core/estimate_tracing.py) costs one forward + backward whatever the length: it has no
 such cap, only the model's context and the memory its backward needs (core/trace_cost.check_estimate_fits).
@@ -46,7 +46,7 @@ from core.sentiment import (
     word_ids,
 )
 from core.trace_cost import check_estimate_fits
-from core.trace_setup import TraceSetup, prepare, probability_metric
+from core.trace_setup import TraceSetup, prepare, probability_metric, score_json
 from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS, TraceResult, get_engine, trace_setup
 
 MAX_TRACE_TOKENS = 48  # prompt tokens (text + suffix) an exact engine accepts by default
@@ -114,8 +114,7 @@ class SentimentTrace:
             "tokens": self.tokens,
             "text_range": list(self.text_range),
             "corrupt_range": list(self.corrupt_range),
-            "clean_score": self.clean_score,
-            "corrupted_score": self.corrupted_score,
+            **score_json(self.clean_score, self.corrupted_score),
             "samples": self.samples,
             "window": self.window,
             "noise": self.noise,
@@ -205,8 +204,8 @@ def as_sentiment_trace(
         tokens=result.tokens,
         text_range=text_range,
         corrupt_range=result.subject_range,
-        clean_score=result.high_score,
-        corrupted_score=result.low_score,
+        clean_score=result.clean_score,
+        corrupted_score=result.corrupted_score,
         scores=dict(result.scores),
         samples=result.samples,
         window=result.window,
@@ -243,7 +242,7 @@ def trace_sentiment(
         lm, text, proxy, span=span, samples=samples, noise=noise, window=window, engine=engine, max_tokens=max_tokens
     )
     if get_engine(engine).exact:  # exact engines record every state: capped by memory
-        check_trace(lm, setup.num_tokens, setup.corrupt_range[0], samples, len(kinds))
+        check_trace(lm, setup.num_tokens, samples=samples, kinds=len(kinds))
 
     def convert(result: TraceResult) -> SentimentTrace:
         return as_sentiment_trace(result, text, text_range, proxy)

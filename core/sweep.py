@@ -120,7 +120,7 @@ def _trace_effects(lm: LoadedModel, request: EditRequest, layers: Sequence[int],
     setup = prepare(lm, request.text, request.subject, samples=samples)
     last = setup.corrupt_range[1] - 1
     cells = fast_cells(setup, "mlp", [(last, layer) for layer in layers])
-    return [cells[(last, layer)] - setup.low_score for layer in layers]
+    return [cells[(last, layer)] - setup.corrupted_score for layer in layers]
 
 
 def layer_sweep(

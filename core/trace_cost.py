@@ -3,8 +3,9 @@ memory the estimate engine's backward needs.
 
 Counts follow DESIGN.md's performance envelope: weight matmuls only (the blocks' 2-D weights per token and
 block, the unembedding per token whose logits are computed). The rate comes from the setup's own timed
-forward (`TraceSetup.forward_seconds`, the low score's run of 1 + samples rows), so an estimate reflects the
-machine and the model at hand.
+forward (`TraceSetup.forward_seconds`, the corrupted score's run of 1 + samples rows), so an estimate reflects the
+machine and the model at hand. `estimated_seconds` is the one time forecast of a trace (the command line prints
+it, the app shows it when a trace starts); core/budget.py only caps what a trace may hold.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """What every causal-tracing engine shares (a leaf: it imports no engine): the inputs of one trace (tokens,
 corrupted span, the paper's noise, the answer and the metric), the window of layers a windowed cell restores,
-and the paper's patched run (`naive_scores`, its `trace_with_patch`), which also measures the low score.
+and the paper's patched run (`naive_scores`, its `trace_with_patch`), which also measures the corrupted score.
+`score_json` names the clean and corrupted scores in every trace's JSON (facts and sentiment alike).
 
 The engines live beside it: core/naive_tracing.py (the paper's algorithm, the oracle), core/fast_tracing.py
 (the same numbers, only what a restoration can change) and core/estimate_tracing.py (a first-order estimate
@@ -123,10 +124,10 @@ class TraceSetup:
     window: int
     answer_id: int
     answer: str
-    high_score: float
-    low_score: float
+    clean_score: float
+    corrupted_score: float
     metric: Metric
-    forward_seconds: float = 0.0  # one full forward of the 1 + samples rows (the low score's), for time estimates
+    forward_seconds: float = 0.0  # one full forward of the 1 + samples rows (the corrupted score's), for time estimates
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -135,6 +136,16 @@ class TraceSetup:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt.input_ids)
+
+
+CLEAN_KEY, CORRUPTED_KEY = "high_score", "low_score"  # the JSON names, as the paper's code names them
+
+
+def score_json(clean_score: float, corrupted_score: float, prefix: str = "") -> dict[str, float]:
+    """The two scores of a trace as every trace's JSON names them (DESIGN.md's contract): high_score = the clean
+    run's score, low_score = the corrupted runs' mean, as the paper's code names them (`prefix`: e.g. "mean_"
+    for an average over facts). In Python they are `clean_score` and `corrupted_score` everywhere."""
+    return {prefix + CLEAN_KEY: clean_score, prefix + CORRUPTED_KEY: corrupted_score}
 
 
 def add_noise_hook(setup: TraceSetup, first_row: int):
@@ -179,7 +190,8 @@ def prepare(
     corrupt_range: tuple[int, int] | None = None,
     metric: Metric | None = None,
 ) -> TraceSetup:
-    """Validate the inputs, find the answer and the corrupted span, draw the noise, measure high/low scores."""
+    """Validate the inputs, find the answer and the corrupted span, draw the noise, measure the clean and corrupted
+    scores."""
     if samples < 1:
         raise UserError(f"samples must be at least 1 (got {samples})")
     if window < 1:
@@ -214,11 +226,11 @@ def prepare(
         window=window,
         answer_id=answer_id,
         answer=lm.tokenizer.decode([answer_id]),
-        high_score=float(metric(clean_logits)[0]),
-        low_score=0.0,
+        clean_score=float(metric(clean_logits)[0]),
+        corrupted_score=0.0,
         metric=metric,
     )
     started = time.perf_counter()
-    setup.low_score = naive_scores(lm, setup, [])
+    setup.corrupted_score = naive_scores(lm, setup, [])
     setup.forward_seconds = time.perf_counter() - started
     return setup

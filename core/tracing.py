@@ -1,9 +1,10 @@
 """Causal tracing (Meng et al. 2022, section 2): which hidden states carry a fact to the model's answer.
 
-1. Clean run: the answer is the clean top-1 next token, `high_score` its probability.
+1. Clean run: the answer is the clean top-1 next token, `clean_score` its probability.
 2. Corrupted run: Gaussian noise on the input embeddings of the subject tokens, `samples` noisy copies,
    drawn exactly as the paper's code draws it (`numpy.random.RandomState(1).randn(samples, tokens, hidden)`
-   times the scale); `low_score` = mean probability of the answer over the copies.
+   times the scale); `corrupted_score` = mean probability of the answer over the copies.
+   (The JSON names them `high_score` / `low_score`, as the paper's code does: core.trace_setup.score_json.)
 3. Corrupted-with-restoration: for each (token i, layer l) one state is set back to its clean value and the
    answer's mean probability recorded. Kinds: `hidden` (block outputs), `mlp` and `attn` (module outputs,
    restored at every layer of a window around l, as the paper's code).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +34,7 @@ from core.estimate_tracing import estimate_kind, record_gradients
 from core.fast_tracing import fast_kind, record_runs
 from core.models import LoadedModel
 from core.naive_tracing import naive_kind  # noqa: F401  (re-exported)
+from core.progress import Step
 
 # Re-exported: the shared names have always been importable from here.
 from core.trace_setup import (  # noqa: F401
@@ -53,6 +56,7 @@ from core.trace_setup import (  # noqa: F401
     noise_scale,
     prepare,
     probability_metric,
+    score_json,
     window_layers,
 )
 
@@ -100,8 +104,8 @@ class TraceResult:
     subject_range: tuple[int, int]  # the corrupted token span [start, end)
     answer: str
     answer_id: int
-    high_score: float
-    low_score: float
+    clean_score: float
+    corrupted_score: float
     scores: dict[str, np.ndarray]  # kind -> (tokens, layers) restored score
     noise: float
     samples: int
@@ -112,7 +116,7 @@ class TraceResult:
     exact: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> (tokens, layers) bool, estimate engine only
 
     def indirect_effect(self, kind: str) -> np.ndarray:
-        return self.scores[kind] - self.low_score
+        return self.scores[kind] - self.corrupted_score
 
     def to_json(self) -> dict:
         return {
@@ -122,8 +126,7 @@ class TraceResult:
             "answer": self.answer,
             "tokens": self.tokens,
             "subject_range": list(self.subject_range),
-            "high_score": self.high_score,
-            "low_score": self.low_score,
+            **score_json(self.clean_score, self.corrupted_score),
             "noise": self.noise,
             "samples": self.samples,
             "window": self.window,
@@ -167,22 +170,29 @@ def trace_setup(
     on_kind: Callable[[TraceResult, str], None] | None = None,
     on_row: Callable[[str, int, np.ndarray], None] | None = None,
     started: float | None = None,
+    step: Step = nullcontext,
 ) -> TraceResult:
     """Trace a prepared setup: the engine's shared recording once, then each kind in turn; `on_kind(result,
     kind)` sees the result as soon as a kind is done (its table in result.scores), `on_row(kind, position, row)`
     each finished row. progress(done, total) counts rows over all kinds. `engine_options` go to the engine's
-    recording (the estimate's `verify=K`: its K strongest cells per kind computed exactly)."""
+    recording (the estimate's `verify=K`: its K strongest cells per kind computed exactly).
+
+    The recording and each kind run inside a `step()` of their own: the app passes its session's edits applied
+    under the model's lock (core.edits.applied), so the lock is taken per kind, not for the whole trace (the
+    recorded runs stay valid in between: each step applies the same edits)."""
     kinds = check_kinds(kinds)
     chosen = get_engine(engine_name)
     started = time.perf_counter() if started is None else started
     result = result_from(setup, {}, chosen.name, 0.0, {})
-    recorded = chosen.record(setup, tuple(kinds), **(engine_options or {}))
+    with step():
+        recorded = chosen.record(setup, tuple(kinds), **(engine_options or {}))
     rows = setup.num_tokens
     for k, kind in enumerate(kinds):
         kind_start = time.perf_counter()
         kind_progress = (lambda done, total, k=k: progress(k * rows + done, len(kinds) * rows)) if progress else None
         kind_row = (lambda position, row, kind=kind: on_row(kind, position, row)) if on_row else None
-        result.scores[kind] = chosen.kind(setup, kind, kind_progress, recorded, kind_row)
+        with step():
+            result.scores[kind] = chosen.kind(setup, kind, kind_progress, recorded, kind_row)
         result.kind_seconds[kind] = time.perf_counter() - kind_start
         exact = getattr(recorded, "exact", None)
         if exact and kind in exact:
@@ -243,8 +253,8 @@ def result_from(
         subject_range=setup.corrupt_range,
         answer=setup.answer,
         answer_id=setup.answer_id,
-        high_score=setup.high_score,
-        low_score=setup.low_score,
+        clean_score=setup.clean_score,
+        corrupted_score=setup.corrupted_score,
         scores=scores,
         noise=setup.noise_level,
         samples=setup.samples,

@@ -19,8 +19,8 @@ from ui.common import (
     default_noise,
     model_caption,
     page,
-    show_cost,
     show_error,
+    show_size,
     suggest_subject,
     trace_progressively,
 )
@@ -124,12 +124,12 @@ with st.container(border=True):
     run = st.button("Trace", type="primary", key="trace_run")
 
 
-def estimate():
+def size():
     prompt = tokenize(lm.tokenizer, state["trace_prompt"], state["trace_subject"])
-    return check_trace(lm, len(prompt.input_ids), prompt.subject_range[0], int(samples), max(len(kinds), 1))
+    return check_trace(lm, len(prompt.input_ids), samples=int(samples), kinds=max(len(kinds), 1))
 
 
-refused = show_cost(estimate)
+refused = show_size(size)
 
 if state.pop("trace_autorun", False):
     run = True
@@ -194,8 +194,8 @@ if result is not None and result.model == lm.name:
     st.subheader(f"{result.prompt!r} → {result.answer!r}")
     m = st.columns(5)
     m[0].metric("Answer", repr(result.answer))
-    m[1].metric("p(answer), clean", f"{result.high_score:.4f}")
-    m[2].metric("p(answer), subject corrupted", f"{result.low_score:.4f}")
+    m[1].metric("p(answer), clean", f"{result.clean_score:.4f}")
+    m[2].metric("p(answer), subject corrupted", f"{result.corrupted_score:.4f}")
     m[3].metric("Noise / samples", f"{result.noise:.3f} / {result.samples}")
     m[4].metric("Time", f"{result.seconds:.1f} s")
     if not run:  # drawn during the run already

@@ -9,7 +9,7 @@ from pathlib import Path
 import streamlit as st
 
 from core import charts
-from core.aie import aie_cost
+from core.aie import aie_size
 from core.errors import UserError
 from core.facts import DEFAULT_FACTS, load_facts
 from core.tracing import KINDS
@@ -21,8 +21,8 @@ from ui.common import (
     model_caption,
     page,
     run_aie,
-    show_cost,
     show_error,
+    show_size,
 )
 
 page("Averages", ":material/show_chart:")
@@ -90,7 +90,11 @@ def read_facts():
     return facts, "upload:" + digest(data)
 
 
-show_cost(lambda: aie_cost(lm, read_facts()[0], int(limit), int(samples), max(len(kinds), 1)))
+show_size(
+    lambda: aie_size(lm, read_facts()[0], int(limit), int(samples), max(len(kinds), 1)),
+    "Memory (the longest fact, traced one at a time)",
+    "",
+)
 
 
 if run:
@@ -126,8 +130,8 @@ if result is not None and result.model == lm.name:
     m = st.columns(5)
     m[0].metric("Facts averaged", result.n)
     m[1].metric("Skipped (not known)", result.skipped)
-    m[2].metric("Mean p(answer), clean", f"{result.mean_high_score:.3f}")
-    m[3].metric("Mean p(answer), corrupted", f"{result.mean_low_score:.3f}")
+    m[2].metric("Mean p(answer), clean", f"{result.mean_clean_score:.3f}")
+    m[3].metric("Mean p(answer), corrupted", f"{result.mean_corrupted_score:.3f}")
     m[4].metric("Time", f"{result.seconds:.0f} s")
     columns = st.columns(len(result.tables))
     for col, kind in zip(columns, result.tables):

@@ -20,8 +20,8 @@ from ui.common import (
     fit_proxy,
     model_caption,
     page,
-    show_cost,
     show_error,
+    show_size,
     trace_sentiment_progressively,
 )
 
@@ -107,13 +107,13 @@ with st.container(border=True):
     run = st.button("Trace", type="primary", key="sent_run", disabled=fitted is None)
 
 
-def estimate():
-    ids, (start, _) = text_token_range(lm, text, fitted[2].suffix)
-    return check_trace(lm, len(ids), start, int(samples), max(len(kinds), 1))
+def size():
+    ids, _ = text_token_range(lm, text, fitted[2].suffix)
+    return check_trace(lm, len(ids), samples=int(samples), kinds=max(len(kinds), 1))
 
 
 if fitted is not None:
-    show_cost(estimate)
+    show_size(size)
 
 stop = st.button("Stop", key="sent_stop", help="Stop the exact trace; what is done so far stays shown.")
 if stop:

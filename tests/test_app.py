@@ -119,17 +119,17 @@ def test_trace_explorer_traces_and_shows_the_library_numbers(lm):
     at.number_input(key="trace_samples").set_value(1)
     at.button(key="trace_run").click().run()
     assert not at.exception and not errors(at)
-    expected = trace(lm, EIFFEL, "The Eiffel Tower", kinds=[], samples=1)  # answer, high and low scores only
+    expected = trace(lm, EIFFEL, "The Eiffel Tower", kinds=[], samples=1)  # answer, clean and corrupted scores only
     shown = metrics(at)
     assert shown["Answer"] == repr(expected.answer) == repr(" Paris")
-    assert shown["p(answer), clean"] == f"{expected.high_score:.4f}"
-    assert shown["p(answer), subject corrupted"] == f"{expected.low_score:.4f}"
+    assert shown["p(answer), clean"] == f"{expected.clean_score:.4f}"
+    assert shown["p(answer), subject corrupted"] == f"{expected.corrupted_score:.4f}"
     result = at.session_state["trace_result"]
     assert result.scores["hidden"].shape == (len(expected.tokens), lm.num_layers)
     # restoring the last token's state at the last layer gives back the clean answer
-    assert result.scores["hidden"][-1, -1] == pytest.approx(expected.high_score, abs=1e-4)
+    assert result.scores["hidden"][-1, -1] == pytest.approx(expected.clean_score, abs=1e-4)
     specs = chart_specs(at)
-    assert len(specs) == 1 and "Paris" in specs[0] and f"{expected.high_score:.3f}" in specs[0]
+    assert len(specs) == 1 and "Paris" in specs[0] and f"{expected.clean_score:.3f}" in specs[0]
     # the estimate came first and was replaced, kind by kind, by the exact table
     assert "exact (fast engine)" in [c.value for c in at.caption]
     assert at.button(key="trace_stop") is not None

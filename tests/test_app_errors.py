@@ -38,10 +38,16 @@ def test_an_unexpected_error_is_one_message_and_logged(monkeypatch, caplog):
 
 
 @pytest.mark.slow
-def test_the_trace_explorer_shows_the_cost_and_refuses_over_the_cap(monkeypatch):
+def test_the_trace_explorer_shows_the_memory_and_refuses_over_the_cap(monkeypatch):
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600).run()
     at.switch_page("pages/1_Trace_explorer.py").run()
-    assert any(c.value.startswith("Estimated cost: 10 tokens, 3 kinds: about") for c in at.caption)
+    from core.budget import check_trace
+    from core.models import EMBEDDED_MODEL
+
+    # before the run: the memory against the cap, and no time (it is forecast once, when the trace starts)
+    size = check_trace(common.load(EMBEDDED_MODEL), 10, samples=10, kinds=3)
+    expected = f"Memory: {size.describe()}. {common.TIME_NOTE} Results already kept here are instant."
+    assert expected in [c.value for c in at.caption] and "10 tokens, 3 kinds" in expected
     monkeypatch.setenv("ROME_STUDIO_MAX_TRACE_MB", "1")
     at.button(key="trace_run").click().run()
     assert not at.exception

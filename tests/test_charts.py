@@ -28,8 +28,8 @@ def result() -> TraceResult:
         subject_range=(0, 5),
         answer=" Paris",
         answer_id=9,
-        high_score=0.7,
-        low_score=0.05,
+        clean_score=0.7,
+        corrupted_score=0.05,
         scores={k: rng.rand(7, 4) for k in ("hidden", "mlp", "attn")},
         noise=0.3,
         samples=10,
@@ -110,8 +110,8 @@ def test_aie_lines_draw_one_line_per_category_and_skip_missing_values():
         seconds=2.0,
         tables={"hidden": table.tolist()},
         counts={"hidden": [3] * 6},
-        mean_high_score=0.5,
-        mean_low_score=0.1,
+        mean_clean_score=0.5,
+        mean_corrupted_score=0.1,
     )
     chart = charts.aie_lines(result, "hidden")
     frame = data_of(chart)

@@ -51,12 +51,12 @@ def test_first_order_terms_equal_finite_differences(tiny):
             eps = 1e-2  # rotary tables stay float32: a wider step keeps their rounding out of the difference
             derivative = partly_restored(setup, position, names, eps) - partly_restored(setup, position, names, -eps)
             derivative /= 2 * eps
-            assert table[position, layer] - setup.low_score == pytest.approx(derivative, rel=1e-2, abs=1e-3), (
+            assert table[position, layer] - setup.corrupted_score == pytest.approx(derivative, rel=1e-2, abs=1e-3), (
                 kind,
                 position,
                 layer,
             )
-        np.testing.assert_array_equal(table[:start], setup.low_score)
+        np.testing.assert_array_equal(table[:start], setup.corrupted_score)
 
 
 def test_hidden_estimate_is_exact_for_the_last_layer_in_linear_space(tiny):
@@ -67,7 +67,7 @@ def test_hidden_estimate_is_exact_for_the_last_layer_in_linear_space(tiny):
     table = estimate_table(setup, record_gradients(setup, ("hidden",), space="linear"), "hidden")
     exact = fast_kind(setup, "hidden")
     last, top = setup.num_tokens - 1, tiny.num_layers - 1
-    est, ex = table[last, top] - setup.low_score, exact[last, top] - setup.low_score
+    est, ex = table[last, top] - setup.corrupted_score, exact[last, top] - setup.corrupted_score
     assert np.sign(est) == np.sign(ex)
 
 
@@ -135,7 +135,7 @@ def test_embedded_estimate_finds_the_exact_peak_region(embedded):
     estimate = estimate_table(setup, gradients, "hidden")
     exact = fast_kind(setup, "hidden")
     start = setup.corrupt_range[0]
-    e, x = estimate[start:] - setup.low_score, exact[start:] - setup.low_score
+    e, x = estimate[start:] - setup.corrupted_score, exact[start:] - setup.corrupted_score
     # the strongest row (token) agrees, and the estimate's peak cell is a strong cell of the exact table
     assert np.argmax(e.max(axis=1)) == np.argmax(x.max(axis=1))
     peak = np.unravel_index(np.argmax(e), e.shape)
@@ -145,12 +145,19 @@ def test_embedded_estimate_finds_the_exact_peak_region(embedded):
 def test_cost_forecast_and_memory_limit(tokenizer):
     from core.errors import UserError
     from core.tiny import tiny_model
-    from core.trace_cost import check_estimate_fits, engine_macs, estimate_memory_bytes, estimated_seconds
+    from core.trace_cost import check_estimate_fits, engine_macs, estimate_memory_bytes, estimated_seconds, logit_macs
 
     lm = tiny_model("gpt2", tokenizer)
     fast = engine_macs(lm, "fast", 12, 0, 10, 10, ("hidden",))
     assert engine_macs(lm, "naive", 12, 0, 10, 10, ("hidden",)) > fast > engine_macs(lm, "estimate", 12, 0, 10, 10, ())
-    assert engine_macs(lm, "fast", 12, 6, 10, 10, ("hidden",)) < fast  # cells before the span are free
+    # cells before the span are free: 12 tokens corrupted from token 6 cost what 6 tokens corrupted from 0 do
+    assert engine_macs(lm, "fast", 12, 6, 10, 10, ("hidden",)) == engine_macs(lm, "fast", 6, 0, 10, 10, ("hidden",))
+    # the blocks' work grows with the square of the traced length (the logits' only with the length)
+    blocks = {
+        t: engine_macs(lm, "fast", t, 0, 10, 10, ("hidden",)) - 10 * t * lm.num_layers * logit_macs(lm)
+        for t in (10, 20)
+    }
+    assert blocks[20] == pytest.approx(4 * blocks[10], rel=0.15)
     setup = prepare(lm, PROMPT, SUBJECT, samples=2)
     assert setup.forward_seconds > 0
     assert estimated_seconds(setup, "naive", KINDS) > estimated_seconds(setup, "fast", KINDS) > 0

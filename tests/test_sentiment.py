@@ -274,6 +274,23 @@ def test_trace_sentiment_on_tiny_models(tiny):
     assert np.allclose(span.scores["hidden"][:start], span.corrupted_score)  # noise cannot reach earlier tokens
 
 
+def test_sentiment_and_fact_json_name_the_scores_alike(tokenizer):
+    from core.tiny import tiny_model
+    from core.tracing import trace
+
+    lm = tiny_model("gpt2", tokenizer)
+    proxy = FeelingProxy.fit(lm, read_texts(lm, SHORT), SHORT_LABELS)
+    sentiment = trace_sentiment(lm, "The soup was cold.", proxy, kinds=("hidden",), samples=1)
+    fact = trace(lm, "The Eiffel Tower is located in the city of", "The Eiffel Tower", kinds=("hidden",), samples=1)
+    sentiment_json, fact_json = sentiment.as_dict(), fact.to_json()
+    for data, result in ((sentiment_json, sentiment), (fact_json, fact)):
+        # the JSON keeps the paper's names: high = the clean run's score, low = the corrupted runs' mean
+        assert (data["high_score"], data["low_score"]) == (result.clean_score, result.corrupted_score)
+        assert "clean_score" not in data and "corrupted_score" not in data
+    assert {k for k in sentiment_json if k.endswith("_score")} == {k for k in fact_json if k.endswith("_score")}
+    assert sentiment.clean_score != sentiment.corrupted_score and fact.clean_score != fact.corrupted_score
+
+
 def test_trace_sentiment_bad_input(tiny):
     proxy = FeelingProxy.fit(tiny, read_texts(tiny, SHORT), SHORT_LABELS)
     with pytest.raises(UserError, match="empty"):
@@ -436,7 +453,7 @@ def test_cli_evaluate_and_trace(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     traced = json.loads(trace_out.read_text())
-    assert traced["tokens"][-1] == " feeling" and traced["clean_score"] != traced["corrupted_score"]
+    assert traced["tokens"][-1] == " feeling" and traced["high_score"] != traced["low_score"]
     assert np.asarray(traced["scores"]["hidden"]).shape == (len(traced["tokens"]), 30)
 
 

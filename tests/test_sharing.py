@@ -115,3 +115,57 @@ def test_statistics_take_the_lock_per_batch(tokenizer, monkeypatch):
     entered.clear()
     key_statistics(tiny, 1, tokens=4 * 17, step=step)
     assert entered == []  # from the cache: no model work
+
+
+def test_the_sentiment_trace_takes_the_lock_per_step_and_says_for_what(tokenizer, monkeypatch):
+    """The sentiment page's trace (ui.common.trace_sentiment_progressively): it waits for another session with
+    a "busy: <what> for <who>" notice, holds the lock noted as its own work, and lets others in between steps."""
+    import numpy as np
+
+    from core.sentiment import DEFAULT_SUFFIX, DEFAULT_WORDS, FeelingProxy, LinearReader, word_ids
+    from core.tracing import KINDS
+    from ui import common
+
+    lm = tiny_model("llama", tokenizer)
+    reader = LinearReader(np.zeros(2), np.ones(2), np.array([1.0, -1.0]), 0.0)  # p(positive) from good vs bad
+    proxy = FeelingProxy(lm.name, DEFAULT_WORDS, word_ids(lm, DEFAULT_WORDS), DEFAULT_SUFFIX, reader)
+    monkeypatch.setattr(common, "session_label", lambda: "session A")
+    steps, entered, notices = [], threading.Event(), []
+    real_applied = common.applied
+
+    @contextmanager
+    def noted_applied(lm, edits=(), **note):
+        with real_applied(lm, edits, **note):
+            steps.append(holder(lm).describe())
+            entered.set()
+            yield
+
+    class Notice:  # st.empty() of the waiting notice
+        def info(self, text, **_):
+            notices.append(text)
+            release.set()  # session B finishes once session A has been told
+
+        def empty(self):
+            pass
+
+    monkeypatch.setattr(common, "applied", noted_applied)
+    monkeypatch.setattr(common.st, "empty", Notice)
+    worker, release = hold_in_another_session(lm, "averaging 8 facts", "session B")
+    text = "I love this song, it is wonderful."
+    traced = []
+    trace = threading.Thread(
+        target=lambda: traced.append(common.trace_sentiment_progressively(lm, text, proxy, KINDS, samples=1, window=2))
+    )
+    trace.start()
+    entered.wait(30)
+    with applied(lm, what="generating", who="session C"):
+        other_at = len(steps)
+    trace.join(60)
+    worker.join()
+    shown, exact, _ = traced[0]
+    assert exact and set(shown.scores) == set(KINDS)
+    assert notices[0].startswith("busy: averaging 8 facts for session B (")
+    # the setup, then the estimate's and the exact engine's recordings and kinds: one lock each
+    assert len(steps) == 1 + 2 * (1 + len(KINDS))
+    assert all(s.startswith(f"busy: a sentiment trace of {text!r} for session A (") for s in steps)
+    assert other_at < len(steps)  # session C got the model between two steps, not after the whole trace

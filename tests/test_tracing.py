@@ -120,15 +120,15 @@ def test_window_layers_match_the_papers_range():
     assert window_layers(5, 1, 30) == range(5, 6)
 
 
-def test_cells_before_the_subject_equal_the_low_score(tiny):
+def test_cells_before_the_subject_equal_the_corrupted_score(tiny):
     setup = prepare(tiny, PROMPT, SUBJECT, samples=2, window=2, noise=0.5, metric=logit_metric)
     start = setup.corrupt_range[0]
     assert start > 0
     for kind in KINDS:
         table = fast_kind(setup, kind)
-        np.testing.assert_allclose(table[:start], setup.low_score)
+        np.testing.assert_allclose(table[:start], setup.corrupted_score)
         naive = naive_kind(setup, kind)
-        np.testing.assert_allclose(naive[:start], setup.low_score, atol=1e-4)
+        np.testing.assert_allclose(naive[:start], setup.corrupted_score, atol=1e-4)
 
 
 def test_trace_result_and_progress(tiny):
@@ -142,7 +142,7 @@ def test_trace_result_and_progress(tiny):
     data = result.to_json()
     assert data["subject_range"] == list(result.subject_range)
     assert len(data["mlp"]["scores"]) == tokens
-    np.testing.assert_allclose(result.indirect_effect("hidden"), result.scores["hidden"] - result.low_score)
+    np.testing.assert_allclose(result.indirect_effect("hidden"), result.scores["hidden"] - result.corrupted_score)
 
 
 def test_trace_calls_on_kind_and_on_row_and_records_once(tiny, monkeypatch):
@@ -175,6 +175,35 @@ def test_trace_calls_on_kind_and_on_row_and_records_once(tiny, monkeypatch):
     assert rows == [(kind, p) for kind in KINDS for p in range(start, len(result.tokens))]
 
 
+def test_trace_setup_runs_the_recording_and_each_kind_in_a_step_of_its_own(tokenizer):
+    from contextlib import contextmanager
+
+    from core.tracing import trace_setup
+
+    setup = prepare(tiny_model("gpt2", tokenizer), PROMPT, SUBJECT, samples=2, window=2)
+    events, inside = [], []
+
+    @contextmanager
+    def step():
+        inside.append(True)
+        events.append("step")
+        yield
+        inside.pop()
+
+    def on_kind(result, kind):
+        assert not inside  # drawing a finished kind needs no lock
+        events.append(kind)
+
+    def on_row(kind, position, row):
+        assert inside  # the rows are computed under the step
+        events.append("row")
+
+    result = trace_setup(setup, kinds=KINDS, on_kind=on_kind, on_row=on_row, step=step)
+    assert set(result.scores) == set(KINDS) and "row" in events
+    steps = [e for e in events if e != "row"]
+    assert steps == ["step", *(x for kind in KINDS for x in ("step", kind))]  # the recording, then one per kind
+
+
 def test_bad_trace_input_is_refused(tiny):
     from core.errors import UserError
 
@@ -201,20 +230,20 @@ EIFFEL = "The Eiffel Tower is located in the city of"
 def test_embedded_trace_behaves_as_the_paper(embedded):
     setup = prepare(embedded, EIFFEL, "The Eiffel Tower")
     assert setup.answer == " Paris"
-    assert setup.high_score > 0.5
-    assert setup.high_score > setup.low_score + 0.2
+    assert setup.clean_score > 0.5
+    assert setup.clean_score > setup.corrupted_score + 0.2
     runs = record_runs(setup)
     hidden = fast_kind(setup, "hidden", runs=runs)
     last_token, last_layer = setup.num_tokens - 1, embedded.num_layers - 1
     # restoring the last token's final state gives back the clean prediction
-    assert hidden[last_token, last_layer] == pytest.approx(setup.high_score, abs=1e-4)
+    assert hidden[last_token, last_layer] == pytest.approx(setup.clean_score, abs=1e-4)
     # the early site: restoring a subject token in the early/middle layers brings the answer back (on this
     # model it sits at "iffel", not at the last subject token)
     start, end = setup.corrupt_range
     subject_last = end - 1
-    assert hidden[start:end, :15].max() > setup.low_score + 0.2
+    assert hidden[start:end, :15].max() > setup.corrupted_score + 0.2
     # the late site: the last token in the late layers
-    assert hidden[last_token, 20:].max() > setup.low_score + 0.3
+    assert hidden[last_token, 20:].max() > setup.corrupted_score + 0.3
     # spot-check fast cells against the paper's algorithm
     for position, layer in [(subject_last, 5), (last_token, 20)]:
         name = embedded.arch.layer_name(embedded.model, layer)
@@ -226,11 +255,11 @@ def test_embedded_trace_behaves_as_the_paper(embedded):
 
 
 @pytest.mark.slow
-def test_embedded_cells_before_subject_equal_low_score(embedded):
+def test_embedded_cells_before_subject_equal_the_corrupted_score(embedded):
     setup = prepare(embedded, "Tourists know that the Colosseum is located in the city of", "the Colosseum", samples=4)
     start = setup.corrupt_range[0]
     assert start >= 3
     table = trace_kind(setup, "attn")
-    np.testing.assert_allclose(table[:start], setup.low_score)
+    np.testing.assert_allclose(table[:start], setup.corrupted_score)
     name = embedded.arch.layer_name(embedded.model, 10, "attn")
-    assert naive_scores(embedded, setup, [(1, name)]) == pytest.approx(setup.low_score, abs=1e-5)
+    assert naive_scores(embedded, setup, [(1, name)]) == pytest.approx(setup.corrupted_score, abs=1e-5)

@@ -14,7 +14,8 @@ import re
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -52,15 +53,20 @@ def bar_progress(bar, what: str) -> Progress:
 LOG = logging.getLogger("rome_studio")
 
 
-def show_cost(estimate: Callable[[], object]) -> UserError | None:
-    """Caption the estimate (a core.budget.TraceCost) of the work a button starts, before it is pressed; returns
-    why the work would be refused (a UserError), or None."""
+TIME_NOTE = "Its time is forecast when it starts, from its measured clean and corrupted runs."
+
+
+def show_size(check: Callable[[], object], label: str = "Memory", note: str = TIME_NOTE) -> UserError | None:
+    """Caption the memory (a core.budget.TraceSize, from `check`) of the work a button starts, before it is
+    pressed, and `note`; returns why the work would be refused (a UserError), or None. How long a trace takes is
+    forecast once, when it starts (core.trace_cost.estimated_seconds, shown by the page)."""
     try:
-        cost = estimate()
+        size = check()
     except UserError as err:
         st.caption(f":material/block: {err}")
         return err
-    st.caption(f"Estimated cost: {cost.describe()} (rough; results already kept here are instant).")
+    parts = (f"{label}: {size.describe()}.", note, "Results already kept here are instant.")
+    st.caption(" ".join(part for part in parts if part))
     return None
 
 
@@ -177,20 +183,30 @@ def session_label() -> str:
     return f"session {ctx.session_id[:6]}" if ctx is not None else "a session"
 
 
-def session_step(lm: LoadedModel, what: str) -> Step:
+def short(text: str, limit: int = 40) -> str:
+    """`text` quoted for a busy note, cut to `limit` characters."""
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def session_step(lm: LoadedModel, what: str, stop: str = "Cancel") -> Step:
     """Each step of this session's long work: its edits applied under the model's lock (taken per step, so
     other sessions get their turn in between), noted as `what` for this session. While another session holds
-    the lock, a notice says "busy: <what> for <who>"; the page's Cancel button (a rerun) ends the wait."""
+    the lock, a notice says "busy: <what> for <who>" until this session's turn comes; the page's `stop` button
+    (a rerun) ends the wait."""
     edits, who, notice = session_edits(lm), session_label(), []
 
     def waiting(holder: Holder | None) -> None:
         if not notice:
             notice.append(st.empty())
         text = holder.describe() if holder else "busy: the model is working for another session"
-        notice[0].info(f"{text} · waiting for it; **Cancel** stops waiting", icon=":material/hourglass_top:")
+        notice[0].info(f"{text} · waiting for it; **{stop}** stops waiting", icon=":material/hourglass_top:")
 
-    def step():
-        return applied(lm, edits, what=what, who=who, waiting=waiting)
+    @contextmanager
+    def step() -> Iterator[None]:
+        with applied(lm, edits, what=what, who=who, waiting=waiting):
+            if notice:
+                notice.pop().empty()  # this session's turn: the notice goes
+            yield
 
     return step
 
@@ -322,6 +338,7 @@ def traced_with_estimate(
     key: tuple,
     make_setup: Callable[[], object],
     kinds: Sequence[str],
+    what: str,
     *,
     exact: bool = True,
     on_view: Callable[[TraceView, str | None], None] | None = None,
@@ -329,11 +346,14 @@ def traced_with_estimate(
 ):
     """The estimate of every kind first (seconds), then the exact (fast) engine, both with this session's edits,
     both remembered per `key`. on_view(view, kind) is called with the estimate (kind None, forecast known), after
-    each exact row and each finished kind. Returns (view, exact result or None when `exact` is off)."""
+    each exact row and each finished kind. Returns (view, exact result or None when `exact` is off).
+
+    The model's lock is taken per step (`session_step`: the setup, each engine's recording, each kind), noted
+    as `what` for this session; a session waiting for it is told "busy: <what> for <who>"."""
     from core.trace_cost import estimated_seconds
     from core.tracing import result_from, trace_setup
 
-    edits = session_edits(lm)
+    step = session_step(lm, what, stop="Stop")  # both trace pages have a Stop button
     estimate_key, exact_key = (*key, "estimate"), (*key, "fast")
     estimate = store().get(estimate_key)
     kept = store().get(exact_key)
@@ -341,13 +361,12 @@ def traced_with_estimate(
     missing = [k for k in kinds if kept is None or k not in kept.scores] if exact else []
     setup = None
     if missing_estimate or missing:
-        with applied(lm, edits):
+        with step():
             setup = make_setup()
     if missing_estimate:
         if progress:
             progress(0.0, "estimating every cell (one forward and backward)")
-        with applied(lm, edits):
-            new = trace_setup(setup, kinds=missing_estimate, engine_name="estimate")
+        new = trace_setup(setup, kinds=missing_estimate, engine_name="estimate", step=step)
         if estimate is None:
             estimate = new
             store().put(estimate_key, estimate)
@@ -388,8 +407,9 @@ def traced_with_estimate(
             if progress:
                 progress(done / max(total, 1), f"exact trace: row {done} of {total} (about {view.forecast:.0f} s)")
 
-        with applied(lm, edits):
-            trace_setup(setup, kinds=missing, engine_name="fast", on_kind=kind_done, on_row=row_done, progress=tick)
+        trace_setup(
+            setup, kinds=missing, engine_name="fast", on_kind=kind_done, on_row=row_done, progress=tick, step=step
+        )
     if kept is None or not all(k in kept.scores for k in kinds):
         return view, None
     return view, replace(
@@ -428,7 +448,8 @@ def trace_progressively(
     def make_setup():
         return prepare(lm, prompt, subject, samples=samples, noise=noise, window=window)
 
-    return traced_with_estimate(lm, key, make_setup, kinds, on_view=on_view, progress=progress)
+    what = f"tracing {short(prompt)}"
+    return traced_with_estimate(lm, key, make_setup, kinds, what, on_view=on_view, progress=progress)
 
 
 def run_aie(
@@ -594,7 +615,8 @@ def trace_sentiment_progressively(
         if on_view:
             on_view(convert(view), view, kind)
 
-    view, done = traced_with_estimate(lm, key, make_setup, kinds, exact=exact, on_view=draw, progress=progress)
+    what = f"a sentiment trace of {short(text.strip())}"
+    view, done = traced_with_estimate(lm, key, make_setup, kinds, what, exact=exact, on_view=draw, progress=progress)
     message = (
         ""
         if exact

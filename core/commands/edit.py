@@ -7,10 +7,9 @@ import sys
 
 import numpy as np
 
-from core.budget import statistics_seconds
 from core.commands.common import load, output_file, positive_int
 from core.commands.progress import progress_bar
-from core.covariance import CORPORA, DEFAULT_CORPUS, DEFAULT_TOKENS, statistics_cached
+from core.covariance import CORPORA, DEFAULT_CORPUS, DEFAULT_TOKENS, statistics_cached, statistics_seconds
 from core.edit_site import KEY_TOKENS, default_layer
 from core.edits import EditRequest, applied, export_edits
 from core.evaluation import names_object, target_log_probs

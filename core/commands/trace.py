@@ -55,7 +55,7 @@ def run_engine(setup, args: argparse.Namespace, kinds, started: float) -> TraceR
     """Trace `setup` with the command's engine (--engine, --verify, --samples): an exact engine's cap checked
     first (context, memory), the time forecast printed, a progress bar while it runs."""
     if args.engine != "estimate":  # the exact engines record every state: capped by context and memory
-        check_trace(setup.lm, setup.num_tokens, setup.corrupt_range[0], args.samples, len(kinds))
+        check_trace(setup.lm, setup.num_tokens, samples=args.samples, kinds=len(kinds))
     forecast(setup, args.engine, kinds)
     with progress_bar(f"tracing ({args.engine})") as progress:
         return trace_setup(
@@ -78,8 +78,9 @@ def run(args: argparse.Namespace) -> dict:
     result = run_engine(setup, args, kinds, started)
     start, end = result.subject_range
     print(
-        f"{lm.name}: {args.prompt!r} -> {result.answer!r}  high {result.high_score:.4f}  low {result.low_score:.4f}  "
-        f"subject tokens {start}..{end - 1}  {result.seconds:.1f} s ({args.engine})"
+        f"{lm.name}: {args.prompt!r} -> {result.answer!r}  clean {result.clean_score:.4f}  "
+        f"corrupted {result.corrupted_score:.4f}  subject tokens {start}..{end - 1}  "
+        f"{result.seconds:.1f} s ({args.engine})"
     )
     for kind in kinds:
         effect = result.indirect_effect(kind)
