@@ -1,5 +1,5 @@
-"""`python -m core sentiment evaluate|trace`: the "I am feeling" proxy / probe on labelled texts, and the
-sentiment trace of one text."""
+"""`python -m core sentiment evaluate|trace|edit`: the "I am feeling" proxy / probe on labelled texts, the
+sentiment trace of one text, and the sentiment edit of a subject measured layer by layer."""
 
 from __future__ import annotations
 
@@ -58,6 +58,22 @@ def register(subparsers, add_common_options) -> None:
     )
     add_common_options(tr)
     tr.set_defaults(run=run_trace)
+
+    ed = sub.add_parser("edit", help="a rank-one edit of how a subject's texts read, measured layer by layer")
+    ed.add_argument("--subject", required=True, help='e.g. "Monday": texts that mention it (whole word, any case)')
+    ed.add_argument("--texts", required=True, help="TSV/CSV with a text column (and labels): the texts to split")
+    ed.add_argument("--target", choices=("positive", "negative"), default="positive")
+    ed.add_argument("--layers", default=None, help="e.g. 3, 0-29:3 or 2,5,9 (default: the fact-editing layer)")
+    ed.add_argument("--held-in", type=positive_int, default=10, help="texts that mention the subject: the edit's")
+    ed.add_argument("--held-out", type=positive_int, default=30, help="further texts that mention it: measured only")
+    ed.add_argument("--others", type=positive_int, default=60, help="texts that do not mention it: measured only")
+    ed.add_argument("--train", default=None, help="fit the proxy on this TSV/CSV (default: the project's own set)")
+    ed.add_argument("--trace-texts", type=non_negative_int, default=5, help="held-in texts traced (0: no trace)")
+    ed.add_argument("--trace-samples", type=positive_int, default=10)
+    ed.add_argument("--steps", type=positive_int, default=20, help="value optimisation steps")
+    ed.add_argument("--stats-tokens", type=positive_int, default=None, help="corpus tokens for each layer's statistics")
+    add_common_options(ed)
+    ed.set_defaults(run=run_edit)
 
 
 def run_evaluate(args: argparse.Namespace) -> dict:
@@ -125,3 +141,63 @@ def run_trace(args: argparse.Namespace) -> dict:
         f"({args.engine})"
     )
     return {"model": lm.name, **result.as_dict()}
+
+
+def run_edit(args: argparse.Namespace) -> dict:
+    from dataclasses import replace
+
+    from core.edit_site import default_layer
+    from core.rome import RomeHyperParams
+    from core.sentiment import load_labelled
+    from core.sentiment_edit import sentiment_edit_sweep, split_by_mention
+    from core.sentiment_trace import default_proxy
+    from core.sweep import parse_layers
+
+    texts = load_labelled(args.texts).texts
+    about, others = split_by_mention(texts, args.subject)
+    if len(about) <= args.held_in:
+        raise UserError(
+            f"{args.texts} has {len(about)} texts that mention {args.subject.strip()!r}: "
+            f"more than --held-in {args.held_in} are needed (the rest are held out)"
+        )
+    held_in, held_out = about[: args.held_in], about[args.held_in : args.held_in + args.held_out]
+    lm = load(args)
+    layers = parse_layers(args.layers, lm.num_layers) if args.layers else [default_layer(lm)]
+    hp = RomeHyperParams(steps=args.steps)
+    if args.stats_tokens:
+        hp = replace(hp, stats_tokens=args.stats_tokens)
+    with progress_bar("fitting the proxy") as fitting:
+        proxy = default_proxy(lm, args.train, progress=fitting)
+    with progress_bar("layers") as bar:
+        sweep = sentiment_edit_sweep(
+            lm,
+            args.subject,
+            proxy,
+            held_in,
+            held_out,
+            others[: args.others],
+            layers,
+            args.target,
+            hp,
+            trace_texts=args.trace_texts or None,
+            trace_samples=args.trace_samples,
+            progress=bar,
+        )
+    data = sweep.to_json()
+    print(
+        f"{args.subject.strip()!r} -> read as {args.target}: {len(held_in)} held-in, {len(held_out)} held-out "
+        f"texts that mention it, {len(others[: args.others])} that do not"
+    )
+    print(
+        f"  {'layer':>5s} {'flip in':>7s} {'flip out':>8s} {'others kept':>11s} {'p out before>after':>18s} {'mlp':>6s}"
+    )
+    for row in data["rows"]:
+        shares = [row["flipped_held_in"], row["flipped_held_out"], row["unchanged_others"]]
+        a, b, c = ("-" if v is None else f"{v:.2f}" for v in shares)
+        effect = "" if row["mlp_effect"] is None else f"{row['mlp_effect']:+.3f}"
+        before, after = row["p_held_out"]
+        print(f"  {row['layer']:5d} {a:>7s} {b:>8s} {c:>11s} {before:8.3f} > {after:7.3f} {effect:>6s}")
+    if data["correlation"]:
+        shown = ", ".join(f"{k} {v:+.2f}" if v is not None else f"{k} -" for k, v in data["correlation"].items())
+        print(f"  correlation of the MLP effect with: {shown}")
+    return {"model": lm.name, **data}
