@@ -54,6 +54,15 @@ with right:
         "Upload a table of facts and edit them all in one MEMIT update, see each one's before/after, undo the "
         "batch; save the model with this session's edits as a Hugging Face folder."
     )
+    st.page_link(
+        "pages/6_Sentiment_editor.py",
+        label="**Sentiment editor** — edit how a subject reads",
+        icon=":material/edit_note:",
+    )
+    st.markdown(
+        'Test a located site by editing it: make texts about a subject end in " good" (or " bad") with a '
+        "rank-one edit of one MLP, and read held-out and unrelated texts before and after."
+    )
     st.caption("Everything shown here can be reproduced with the command line: `python -m core --help`.")
 
 with left:

@@ -6,6 +6,8 @@
 - `category_lines`: average indirect effect per token category over the layers (the paper's line plots);
   `aie_lines` fills it from an AIEResult.
 - `confusion_chart`: a 2 x 2 confusion matrix with counts.
+- `sweep_chart`: edit success by layer (lines, left axis) beside the trace's MLP effect at the subject's last
+  token (bars, right axis), as the paper compares them; rows from core/sweep.py or core/sentiment_edit.py.
 - `scores_frame` / `tables_csv`: the tables as tidy rows for download.
 
 No Streamlit here: the app and scripts share these functions.
@@ -227,6 +229,38 @@ def confusion_chart(
 
 
 # --- tables and export --------------------------------------------------------------------------------------
+
+
+def sweep_chart(
+    rows: Sequence[dict], measures: dict[str, str], effect: str = "trace_effect", width: int | str = 420
+) -> alt.LayerChart:
+    """Layer sweep: one line per measure (`measures`: row key -> label, shares in [0, 1]) over the layers, and
+    the MLP effect (`effect` row key) as grey bars on an axis of its own."""
+    frame = pd.DataFrame(
+        [{"layer": r["layer"], "measure": label, "value": r[key]} for r in rows for key, label in measures.items()]
+    )
+    effects = pd.DataFrame([{"layer": r["layer"], "effect": r[effect]} for r in rows if r.get(effect) is not None])
+    x = alt.X("layer:Q", title="edited layer", axis=alt.Axis(tickMinStep=1))
+    lines = (
+        alt.Chart(frame)
+        .mark_line(point=True)
+        .encode(
+            x=x,
+            y=alt.Y("value:Q", title="share of prompts / texts", scale=alt.Scale(domain=[0, 1])),
+            color=alt.Color("measure:N", title=None, legend=alt.Legend(orient="bottom")),
+            tooltip=["layer:Q", "measure:N", alt.Tooltip("value:Q", format=".3f")],
+        )
+    )
+    bars = (
+        alt.Chart(effects)
+        .mark_bar(opacity=0.3, color="gray")
+        .encode(
+            x=x,
+            y=alt.Y("effect:Q", title="MLP effect at the subject's last token"),
+            tooltip=["layer:Q", alt.Tooltip("effect:Q", format="+.4f")],
+        )
+    )
+    return alt.layer(bars, lines).resolve_scale(y="independent").properties(width=width, height=260)
 
 
 def scores_frame(tokens: Sequence[str], scores: dict[str, np.ndarray], marked: tuple[int, int] | None) -> pd.DataFrame:

@@ -17,7 +17,13 @@ from core.models import EMBEDDED_MODEL
 from ui import common
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = ["pages/1_Trace_explorer.py", "pages/2_Averages.py", "pages/3_Fact_editor.py", "pages/4_Sentiment_trace.py"]
+PAGES = [
+    "pages/1_Trace_explorer.py",
+    "pages/2_Averages.py",
+    "pages/3_Fact_editor.py",
+    "pages/4_Sentiment_trace.py",
+    "pages/6_Sentiment_editor.py",
+]
 EIFFEL = "The Eiffel Tower is located in the city of"
 
 pytestmark = pytest.mark.slow

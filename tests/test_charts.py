@@ -156,3 +156,20 @@ def test_png_and_svg_export(result):
     svg = charts.to_svg(chart)
     assert svg.lstrip().startswith("<svg") and "Paris" in svg
     json.loads(chart.to_json())  # the spec itself is plain JSON
+
+
+def test_sweep_chart_draws_each_measure_by_layer_beside_the_effect():
+    rows = [
+        {"layer": 0, "efficacy": 1.0, "neighborhood": 0.5, "trace_effect": 0.02},
+        {"layer": 3, "efficacy": 0.5, "neighborhood": 1.0, "trace_effect": None},  # not traced: no bar
+        {"layer": 6, "efficacy": 0.0, "neighborhood": 1.0, "trace_effect": -0.01},
+    ]
+    chart = charts.sweep_chart(rows, {"efficacy": "efficacy", "neighborhood": "kept neighbours"})
+    spec = chart.to_dict()
+    assert [layer["mark"]["type"] for layer in spec["layer"]] == ["bar", "line"]
+    assert spec["resolve"]["scale"]["y"] == "independent"
+    datasets = [pd.DataFrame(data) for data in spec["datasets"].values()]
+    lines = next(d for d in datasets if "measure" in d)
+    bars = next(d for d in datasets if "effect" in d)
+    assert sorted(lines[lines["measure"] == "kept neighbours"]["value"]) == [0.5, 1.0, 1.0]
+    assert bars["layer"].tolist() == [0, 6] and bars["effect"].tolist() == [0.02, -0.01]

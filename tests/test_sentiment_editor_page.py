@@ -1,0 +1,60 @@
+"""The Sentiment editor page on the embedded model: the before column is the library's proxy reading, the edit
+moves its own texts toward the target, other sessions' model is untouched, Undo drops it, bad input is one
+error and no result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from core.sentiment_edit import positive_probabilities
+from core.sentiment_trace import default_proxy
+from ui import common
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = "pages/6_Sentiment_editor.py"
+
+pytestmark = pytest.mark.slow
+
+
+def open_page() -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=900).run()
+    at.switch_page(PAGE).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_edit_reads_before_and_after_and_undo():
+    lm = common.load(common.EMBEDDED_MODEL)
+    weights = {n: p.clone() for n, p in lm.model.named_parameters()}
+    at = open_page()
+    assert not at.error and at.title[0].value == "Sentiment editor"
+    at.number_input(key="sedit_steps").set_value(8).run()
+    at.button(key="sedit_go").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    table = at.dataframe[-1].value
+    texts = at.text_area(key="sedit_texts").value.splitlines()
+    assert list(table["text"][: len(texts)]) == texts
+    assert list(table["group"]) == ["the edit's"] * len(texts) + ["about the subject"] * 2 + ["other"] * 2
+    expected = positive_probabilities(lm, default_proxy(lm), list(table["text"]))
+    np.testing.assert_allclose(table["p(positive) before"], expected, atol=1e-6)
+    own = table[table["group"] == "the edit's"]
+    assert (own["after"] > own["p(positive) before"]).all()
+    for name, p in lm.model.named_parameters():  # the edit is applied only while this session reads
+        assert torch.equal(p, weights[name]), name
+    assert any(m.label.startswith("the edit's texts read positive") for m in at.metric)
+    at.button(key="sedit_undo").click().run()
+    assert not at.dataframe
+
+
+def test_a_text_without_the_subject_is_one_error():
+    at = open_page()
+    at.text_area(key="sedit_texts").set_value("I love Tuesdays.").run()
+    at.button(key="sedit_go").click().run()
+    assert not at.exception
+    assert len(at.error) == 1 and "does not mention 'Mondays'" in at.error[0].value
+    assert not at.dataframe
