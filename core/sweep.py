@@ -18,7 +18,8 @@ with edit success by layer), with the correlation of the averaged curves.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -28,9 +29,9 @@ from core.errors import UserError
 from core.evaluation import TEXT_TOKENS, continuations, names_object, target_log_probs
 from core.generation import GenerationSettings, generate
 from core.models import LoadedModel
+from core.progress import Progress, Step
 from core.rome import RomeHyperParams, compute_edit, validate_request
 
-Progress = Callable[[int, int], None]
 MEASURES = ("p_new", "efficacy", "paraphrase", "generation_efficacy", "neighborhood", "score")
 
 
@@ -133,15 +134,18 @@ def layer_sweep(
     hparams: RomeHyperParams | None = None,
     trace_samples: int | None = 10,
     progress: Progress | None = None,
+    step: Step = nullcontext,
 ) -> LayerSweep:
     """Make `request` at each of `layers` (one at a time, never stacked) and measure, with the edit applied:
     p(new) / p(true) on the prompt, efficacy (p(new) > p(true)), paraphrase (share of `paraphrases` where
     p(new) > p(true)), generation efficacy (share of the prompt's and paraphrases' greedy continuations,
     TEXT_TOKENS new tokens, that name the new object), neighbourhood (share of `neighbors` whose first greedy
     word is unchanged) and their harmonic mean `score`; beside it the causal trace's mlp effect at that layer
-    (`trace_samples` None: skip)."""
+    (`trace_samples` None: skip). Model work runs inside `step()` (the app: its session's edits under the lock,
+    taken per layer), each layer's edit computed on the model as it is there."""
     started = time.perf_counter()
-    request = validate_request(lm, request)
+    with step():
+        request = validate_request(lm, request)
     base = hparams or RomeHyperParams()
     paraphrases, neighbors = list(paraphrases), list(neighbors)
     prompts = [request.text, *paraphrases]
@@ -151,12 +155,13 @@ def layer_sweep(
         true = np.exp(target_log_probs(lm, prompts, [request.target_true] * len(prompts)))
         return new, true
 
-    new0, true0 = probabilities()
-    neighbor_answers = _answers(lm, neighbors)
+    with step():
+        new0, true0 = probabilities()
+        neighbor_answers = _answers(lm, neighbors)
     rows = []
     for done, layer in enumerate(layers):
-        edit = compute_edit(lm, request, replace(base, layer=layer))
-        with applied(lm, [edit]):
+        edit = compute_edit(lm, request, replace(base, layer=layer), step=step)
+        with step(), applied(lm, [edit]):
             new, true = probabilities()
             kept = _answers(lm, neighbors)
             texts = continuations(lm, prompts, TEXT_TOKENS)
@@ -181,7 +186,8 @@ def layer_sweep(
         )
         if progress:
             progress(done + 1, len(layers))
-    effects = _trace_effects(lm, request, layers, trace_samples) if trace_samples else [None] * len(layers)
+    with step():
+        effects = _trace_effects(lm, request, layers, trace_samples) if trace_samples else [None] * len(layers)
     for row, effect in zip(rows, effects):
         row["trace_effect"] = effect
     return LayerSweep(

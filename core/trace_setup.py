@@ -23,6 +23,7 @@ import torch
 from core.errors import UserError
 from core.hooks import Hooks
 from core.models import LoadedModel
+from core.progress import Progress  # noqa: F401  (re-exported)
 from core.prompts import TokenizedPrompt, tokenize
 
 KINDS = ("hidden", "mlp", "attn")
@@ -32,7 +33,6 @@ NOISE_MULTIPLIER = 3.0
 REFERENCE_FACTS = Path(__file__).resolve().parent.parent / "data" / "known_facts.json"
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # last-position logits (rows, vocab) -> score per row
-Progress = Callable[[int, int], None]  # (done, total)
 
 
 def probability_metric(metric: Metric) -> Metric:

@@ -347,3 +347,23 @@ def test_sentiment_bad_files():
     at.button(key="sent_fit").click().run()
     assert len(errors(at)) == 1 and "'text' and 'label'" in errors(at)[0]
     assert "sent_proxy" not in at.session_state and not at.exception
+
+
+def test_fact_editor_layer_sweep_draws_the_layers_and_leaves_the_model(lm):
+    weights = {n: p.clone() for n, p in lm.model.named_parameters()}
+    at = open_app("pages/3_Fact_editor.py")
+    at.number_input(key="edit_steps").set_value(10).run()
+    at.text_input(key="sweep_layers").set_value("2-4").run()
+    at.button(key="sweep_run").click().run()
+    assert not at.exception and not errors(at), errors(at)
+    sweep = at.session_state["sweep"]
+    table = next(d.value for d in at.dataframe if "trace_effect" in d.value)
+    assert list(table["layer"]) == [2, 3, 4] and list(table["layer"]) == sweep.layers
+    assert (table["p_new"] > sweep.before["p_new"]).all()  # every layer's edit raised p(Rome)
+    assert table["generation_efficacy"].between(0, 1).all() and table["trace_effect"].notna().all()
+    shown = metrics(at)
+    r = sweep.correlation()["p_new"]
+    assert shown["r(trace effect, p(new))"] == ("-" if r is None else f"{r:+.2f}")
+    assert any("MLP effect at the subject's last token" in spec for spec in chart_specs(at))
+    for name, p in lm.model.named_parameters():  # the sweep's edits were all undone
+        assert torch.equal(p, weights[name]), name
