@@ -475,6 +475,19 @@ class RowSolution:
     key_seconds: float
     value_seconds: float
 
+    def as_edit(self, lm: LoadedModel, request: EditRequest, layer: int, info: dict) -> Edit:
+        """The edit record (core.edits) of this solution, in the model's dtype."""
+        return Edit(
+            request=request,
+            layer=layer,
+            u=self.u.to(lm.dtype),
+            v=self.v.to(lm.dtype),
+            key=self.key.to(lm.dtype),
+            value=self.value.to(lm.dtype),
+            model=lm.name,
+            info=info,
+        )
+
 
 def solve_rows(
     lm: LoadedModel,
@@ -542,13 +555,4 @@ def _edit(
         "cpu_seconds": time.process_time() - cpu_start,
         "total_seconds": time.perf_counter() - started,
     }
-    return Edit(
-        request=request,
-        layer=layer,
-        u=solved.u.to(lm.dtype),
-        v=solved.v.to(lm.dtype),
-        key=solved.key.to(lm.dtype),
-        value=solved.value.to(lm.dtype),
-        model=lm.name,
-        info=info,
-    )
+    return solved.as_edit(lm, request, layer, info)

@@ -132,16 +132,7 @@ def compute_sentiment_edit(
         "delta_norm": solved.delta_norm,
         "seconds": time.perf_counter() - started,
     }
-    return Edit(
-        request=request,
-        layer=layer,
-        u=solved.u.to(lm.dtype),
-        v=solved.v.to(lm.dtype),
-        key=solved.key.to(lm.dtype),
-        value=solved.value.to(lm.dtype),
-        model=lm.name,
-        info=info,
-    )
+    return solved.as_edit(lm, request, layer, info)
 
 
 # --- measuring -----------------------------------------------------------------------------------------------

@@ -15,10 +15,9 @@ from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS
 from ui.common import (
     HANDOFF_KEY,
     chart_svg,
-    current_model,
     default_noise,
-    model_caption,
     page,
+    page_model,
     show_error,
     show_size,
     suggest_subject,
@@ -33,10 +32,7 @@ st.markdown(
     "after restoring that token's state at that layer (darker = more of the answer brought back)."
 )
 
-lm = current_model()
-if lm is None:
-    st.stop()
-model_caption(lm)
+lm = page_model()
 
 
 @st.cache_data(show_spinner=False)

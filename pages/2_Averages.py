@@ -16,10 +16,9 @@ from core.tracing import KINDS
 from ui.common import (
     bar_progress,
     cancel_button,
-    current_model,
     digest,
-    model_caption,
     page,
+    page_model,
     run_aie,
     show_error,
     show_size,
@@ -33,10 +32,7 @@ st.markdown(
     "subject token in middle-layer MLPs and a late site at the last token in attention."
 )
 
-lm = current_model()
-if lm is None:
-    st.stop()
-model_caption(lm)
+lm = page_model()
 state = st.session_state
 
 with st.container(border=True):

@@ -23,13 +23,12 @@ from ui.common import (
     add_edits,
     bar_progress,
     cancel_button,
-    current_model,
     edits_file_bytes,
     edits_from_bytes,
     lines,
     measure,
-    model_caption,
     page,
+    page_model,
     remove_edit,
     reset_edits,
     session_edits,
@@ -45,10 +44,7 @@ st.markdown(
     "to the new object. Your edits stay in this browser session: nobody else's answers change."
 )
 
-lm = current_model()
-if lm is None:
-    st.stop()
-model_caption(lm)
+lm = page_model()
 state = st.session_state
 layer_default = default_layer(lm)
 

@@ -16,10 +16,9 @@ from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS
 from ui.common import (
     bar_progress,
     cancel_button,
-    current_model,
     fit_proxy,
-    model_caption,
     page,
+    page_model,
     show_error,
     show_size,
     trace_sentiment_progressively,
@@ -33,10 +32,7 @@ st.markdown(
     "and restores one state at a time, recording the proxy's **probability of positive**."
 )
 
-lm = current_model()
-if lm is None:
-    st.stop()
-model_caption(lm)
+lm = page_model()
 state = st.session_state
 
 st.subheader("1 · Fit the proxy")

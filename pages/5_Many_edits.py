@@ -13,7 +13,7 @@ from core.evaluation import target_log_probs
 from core.memit import MemitParams, default_layers, memit_batch
 from core.requests import COLUMNS, read_requests
 from core.saving import save_edited_model
-from ui.common import add_edits, current_model, model_caption, page, remove_edit, session_edits, show_error
+from ui.common import add_edits, page, page_model, remove_edit, session_edits, show_error
 
 BATCH_KEY = "memit_batch"
 EXAMPLE = pd.DataFrame(
@@ -33,10 +33,7 @@ st.markdown(
     "can be undone as a whole. Then take the edited model away as a Hugging Face folder."
 )
 
-lm = current_model()
-if lm is None:
-    st.stop()
-model_caption(lm)
+lm = page_model()
 state = st.session_state
 
 

@@ -13,7 +13,7 @@ from core.errors import UserError
 from core.rome import RomeHyperParams
 from core.sentiment_edit import TARGETS, compute_sentiment_edit, mention, positive_probabilities
 from core.sentiment_trace import default_proxy
-from ui.common import bar_progress, cancel_button, current_model, lines, model_caption, page, session_step, show_error
+from ui.common import bar_progress, cancel_button, lines, page, page_model, session_step, show_error
 
 EXAMPLE_TEXTS = """Mondays are the worst, I could not get out of bed.
 Stuck in traffic again. I hate Mondays.
@@ -35,10 +35,7 @@ st.markdown(
     "reads texts the edit never saw, and texts about something else, before and after."
 )
 
-lm = current_model()
-if lm is None:
-    st.stop()
-model_caption(lm)
+lm = page_model()
 state = st.session_state
 
 with st.container(border=True):

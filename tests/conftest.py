@@ -30,3 +30,28 @@ def tokenizer(embedded):
 def tiny(request, tokenizer) -> LoadedModel:
     """A fresh tiny random model of each supported family (fresh: tests may edit it)."""
     return tiny_model(request.param, tokenizer)
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tokenizer):
+    """A tiny random GPT-2 saved as a Hugging Face folder (for commands that take --model)."""
+    folder = tmp_path / "tiny"
+    tiny_model("gpt2", tokenizer).model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def open_page():
+    """Opens a new app session (streamlit AppTest) on the given page, checked to render without exception."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    def open_(page: str):
+        at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=900).run()
+        at.switch_page(page).run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+
+    return open_

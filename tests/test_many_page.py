@@ -3,29 +3,18 @@ library computes it, undo of the batch, and saving the session's edits as a fold
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from streamlit.testing.v1 import AppTest
 from transformers import AutoModelForCausalLM
 
 from ui import common
 
-ROOT = Path(__file__).resolve().parent.parent
 PAGE = "pages/5_Many_edits.py"
 
 pytestmark = pytest.mark.slow
 
 
-def open_page() -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=900).run()
-    at.switch_page(PAGE).run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def test_batch_undo_and_save(tmp_path):
-    at = open_page()
+def test_batch_undo_and_save(tmp_path, open_page):
+    at = open_page(PAGE)
     assert not at.error and at.title[0].value == "Many edits"
     at.button(key="memit_run").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]

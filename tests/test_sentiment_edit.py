@@ -76,7 +76,7 @@ def test_text_group_shares():
 
 
 def test_the_edit_moves_the_subjects_texts_toward_the_word_and_is_undone(tokenizer):
-    lm = tiny_model("gpt2", tokenizer)
+    lm = tiny_model("llama", tokenizer)
     proxy = toy_proxy(lm)
     weights = {n: p.clone() for n, p in lm.model.named_parameters()}
     before = positive_probabilities(lm, proxy, ABOUT)
@@ -92,11 +92,8 @@ def test_the_edit_moves_the_subjects_texts_toward_the_word_and_is_undone(tokeniz
         compute_sentiment_edit(lm, "Mondays", ABOUT, proxy, "happy", layer=1, hparams=TINY)
 
 
-def test_sentiment_edit_command(tmp_path, tokenizer, capsys):
-    folder = tmp_path / "tiny"
-    source = tiny_model("gpt2", tokenizer)
-    source.model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+def test_sentiment_edit_command(tmp_path, tiny_folder, capsys):
+    folder = tiny_folder
     texts = tmp_path / "texts.tsv"
     rows = [(t, "negative") for t in ABOUT * 2] + [(t, "positive") for t in OTHERS]
     texts.write_text("text\tlabel\n" + "".join(f"{t}\t{label}\n" for t, label in rows))

@@ -4,34 +4,23 @@ error and no result."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from streamlit.testing.v1 import AppTest
 
 from core.sentiment_edit import positive_probabilities
 from core.sentiment_trace import default_proxy
 from ui import common
 
-ROOT = Path(__file__).resolve().parent.parent
 PAGE = "pages/6_Sentiment_editor.py"
 
 pytestmark = pytest.mark.slow
 
 
-def open_page() -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=900).run()
-    at.switch_page(PAGE).run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def test_edit_reads_before_and_after_and_undo():
+def test_edit_reads_before_and_after_and_undo(open_page):
     lm = common.load(common.EMBEDDED_MODEL)
     weights = {n: p.clone() for n, p in lm.model.named_parameters()}
-    at = open_page()
+    at = open_page(PAGE)
     assert not at.error and at.title[0].value == "Sentiment editor"
     at.number_input(key="sedit_steps").set_value(8).run()
     at.button(key="sedit_go").click().run()
@@ -51,8 +40,8 @@ def test_edit_reads_before_and_after_and_undo():
     assert not at.dataframe
 
 
-def test_a_text_without_the_subject_is_one_error():
-    at = open_page()
+def test_a_text_without_the_subject_is_one_error(open_page):
+    at = open_page(PAGE)
     at.text_area(key="sedit_texts").set_value("I love Tuesdays.").run()
     at.button(key="sedit_go").click().run()
     assert not at.exception

@@ -67,15 +67,12 @@ def test_correlation_over_layers():
     assert correlation([0.1, 0.2, 0.3, float("nan")], [1.0, 2.0, 3.0, 4.0]) == pytest.approx(1.0)
 
 
-def test_sweep_command_averages_a_set(tmp_path, tokenizer, capsys):
+def test_sweep_command_averages_a_set(tmp_path, tiny_folder, capsys):
     import json
 
     from core.__main__ import main
 
-    folder = tmp_path / "tiny"
-    source = tiny_model("gpt2", tokenizer)
-    source.model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = tiny_folder
     out = tmp_path / "sweep.json"
     args = [
         "sweep",

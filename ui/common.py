@@ -116,6 +116,15 @@ def current_model() -> LoadedModel | None:
         return None
 
 
+def page_model() -> LoadedModel:
+    """The page's model with its caption shown; the page stops here (after saying why) when it cannot load."""
+    lm = current_model()
+    if lm is None:
+        st.stop()
+    model_caption(lm)
+    return lm
+
+
 def model_caption(lm: LoadedModel) -> None:
     edits = session_edits(lm)
     note = f" · **{len(edits)} edit{'s' if len(edits) != 1 else ''} of this session applied**" if edits else ""
