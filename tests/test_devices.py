@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from core.__main__ import main
+from core.covariance import key_statistics
 from core.devices import is_offloaded, parse_device_map, read_parameter
 from core.edits import Edit, EditRequest, EditStack, applied, unedited
 from core.errors import UserError
@@ -94,7 +95,7 @@ def test_rome_edit_on_a_disk_offloaded_layer(family, tokenizer):
     plain, dispatched = spread(family, tokenizer)
     before = logits(dispatched)
     edit = compute_edit(plain, REQUEST, TINY)
-    twin = compute_edit(dispatched, REQUEST, TINY)
+    twin = compute_edit(dispatched, REQUEST, TINY)  # the same key statistics: the cache knows these weights
     for name in ("u", "v", "key", "value"):
         assert torch.allclose(getattr(edit, name), getattr(twin, name), rtol=1e-4, atol=1e-6), name
 
@@ -119,6 +120,18 @@ def test_rome_edit_on_a_disk_offloaded_layer(family, tokenizer):
     with applied(dispatched, [edit]):  # a session's edit, put back bitwise afterwards
         assert torch.allclose(logits(dispatched), edited, atol=1e-6)
     assert torch.equal(logits(dispatched), before)
+
+
+def test_key_statistics_through_the_offload_hooks(tokenizer, tmp_path, monkeypatch):
+    plain, dispatched = spread("llama", tokenizer)
+    moments = []
+    for lm, cache in ((plain, "plain"), (dispatched, "dispatched")):
+        monkeypatch.setenv("ROME_STUDIO_CACHE", str(tmp_path / cache))  # each computes its own
+        stats = key_statistics(lm, 1, tokens=256)
+        assert not stats.cached
+        moments.append(stats.mom2)
+    assert torch.allclose(moments[0], moments[1], atol=1e-6)
+    assert {p.device.type for p in dispatched.model.model.layers[1].parameters()} == {"meta"}  # still offloaded
 
 
 def test_ft_on_an_offloaded_layer_is_refused(tokenizer):
