@@ -67,8 +67,9 @@ with right:
 
 with left:
     # torch and transformers load here, after the static text above is already on the screen
+    from core.devices import DEVICE_MAP_NAMES
     from core.models import EMBEDDED_MODEL
-    from ui.common import MODEL_KEY, load, model_name, show_error
+    from ui.common import DEVICE_MAP_KEY, MODEL_KEY, load, model_device_map, model_name, show_error
 
     st.subheader("Model")
     with st.form("model_form", border=False):
@@ -78,16 +79,26 @@ with left:
             help=f"`{EMBEDDED_MODEL}` is the embedded default (works offline). Otherwise a Hugging Face id "
             "available offline (e.g. gpt2) or a local folder with a causal language model.",
         )
+        maps = ["", *DEVICE_MAP_NAMES]
+        device_map = st.selectbox(
+            "Device map",
+            maps,
+            index=maps.index(model_device_map()) if model_device_map() in maps else 0,
+            format_func=lambda m: m or "one device (the GPU when present)",
+            help="For a model bigger than one GPU: accelerate spreads its blocks over the GPUs, the CPU and, "
+            "beyond memory, the disk (`auto`); tables and edits are the same, only slower.",
+        )
         submitted = st.form_submit_button("Load model", type="primary")
     if submitted:
         try:
             with st.spinner(f"Loading {name.strip()} …"):
-                load(name)
+                load(name, device_map)
             st.session_state[MODEL_KEY] = name.strip()
+            st.session_state[DEVICE_MAP_KEY] = device_map
         except Exception as err:  # the page's error boundary: one message, details in the log
             show_error(err, "loading the model")
     try:
-        lm = load(model_name())
+        lm = load(model_name(), model_device_map())
     except Exception as err:
         lm = None
         show_error(err, "loading the model")
@@ -104,6 +115,8 @@ with left:
         cols[1].metric("Dtype", card["dtype"])
         cols[2].metric("Load time", f"{card['load seconds']:.1f} s")
         cols[3].metric("Source", card["source"])
+        if card["device map"]:
+            st.caption(f"Device map: modules per device — {card['device map']}")
         st.caption(
             "The model is loaded once per server process and shared by every browser session; each session's "
             "edits are applied only while its own computation runs, so sessions never see each other's edits."

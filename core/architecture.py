@@ -2,7 +2,8 @@
 
 One row per family. Paths are dotted attribute paths: `embed`, `blocks`, `final_norm` and `lm_head` from the
 model root; `attn`, `mlp` and `mlp_out` from one block. `mlp_out` is the MLP output projection W that ROME
-rewrites; `mlp_out_conv1d` says its weight is stored transposed (GPT-2's Conv1D: out = x @ W + b).
+rewrites; `mlp_out_conv1d` says its weight is stored transposed (GPT-2's Conv1D: out = x @ W + b). Its
+values are read and written through core/devices.py, so an edit reaches a weight that accelerate offloaded.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from core.devices import read_parameter, writable_parameter
 from core.errors import UserError
 
 
@@ -50,9 +52,20 @@ class Architecture:
         return len(model.get_submodule(self.blocks))
 
     def mlp_out_weight(self, model: nn.Module, layer: int) -> torch.Tensor:
-        """The rewritten matrix as (out_features, in_features), a view of the stored weight."""
-        w = model.get_submodule(self.layer_name(model, layer, "mlp_out")).weight
+        """The rewritten matrix as (out_features, in_features), a view of the tensor the model computes with
+        (for an offloaded weight: the one its hook loads, see core.devices.writable_parameter)."""
+        w = writable_parameter(model, f"{self.layer_name(model, layer, 'mlp_out')}.weight")
         return w.T if self.mlp_out_conv1d else w
+
+    def mlp_out_bias(self, model: nn.Module, layer: int) -> torch.Tensor | None:
+        """The rewritten projection's bias (its values, also where offloaded), or None."""
+        name = self.layer_name(model, layer, "mlp_out")
+        return None if model.get_submodule(name).bias is None else read_parameter(model, f"{name}.bias")
+
+    def mlp_out_shape(self, model: nn.Module, layer: int) -> tuple[int, int]:
+        """(out_features, in_features) of the rewritten matrix, without reading it."""
+        rows, columns = model.get_submodule(self.layer_name(model, layer, "mlp_out")).weight.shape
+        return (columns, rows) if self.mlp_out_conv1d else (rows, columns)
 
 
 _LLAMA_LIKE = dict(

@@ -231,13 +231,14 @@ def _key_second_moment(
     lm: LoadedModel, layer: int, corpus: torch.Tensor, tokens: int, progress, step: Step = nullcontext
 ) -> tuple[torch.Tensor, int]:
     """Mean of k k^T over the first `tokens` positions of the corpus (accumulated in float64)."""
-    size = lm.arch.mlp_out_weight(lm.model, layer).shape[1]
+    size = lm.arch.mlp_out_shape(lm.model, layer)[1]
     mom2 = torch.zeros(size, size, dtype=torch.float64, device=lm.device)
     count, batch = 0, 16
     rows_needed = corpus[: -(-tokens // corpus.shape[1])]
     for first in range(0, rows_needed.shape[0], batch):
         with step():
-            keys = layer_keys(lm, layer, rows_needed[first : first + batch]).reshape(-1, size).double()
+            keys = layer_keys(lm, layer, rows_needed[first : first + batch]).reshape(-1, size)
+        keys = keys.to(device=mom2.device, dtype=torch.float64)  # the layer may compute on another device
         keys = keys[: tokens - count]
         mom2 += keys.T @ keys
         count += keys.shape[0]
@@ -259,7 +260,7 @@ def key_statistics(
     _check(corpus, tokens)
     if not 0 <= layer < lm.num_layers:
         raise UserError(f"layer {layer} is outside the model's {lm.num_layers} layers")
-    size = lm.arch.mlp_out_weight(lm.model, layer).shape[1]
+    size = lm.arch.mlp_out_shape(lm.model, layer)[1]
     if corpus == "identity":
         eye = torch.eye(size, device=lm.device)
         return KeyStatistics(layer, corpus, 0, eye, 0, 0.0, cached=True)

@@ -42,6 +42,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from core.devices import writable_parameter
 from core.errors import UserError
 from core.models import LoadedModel
 
@@ -95,14 +96,15 @@ class Edit:
 
 
 def _weight(lm: LoadedModel, layer: int) -> torch.Tensor:
-    """The stored weight parameter (for Conv1D: (in, out))."""
-    return lm.model.get_submodule(lm.arch.layer_name(lm.model, layer, "mlp_out")).weight
+    """The stored weight (for Conv1D: (in, out)): the tensor the model computes with, also where accelerate
+    offloaded it (core.devices.writable_parameter)."""
+    return writable_parameter(lm.model, f"{lm.arch.layer_name(lm.model, layer, 'mlp_out')}.weight")
 
 
 def check_edit(lm: LoadedModel, edit: Edit) -> None:
     if not 0 <= edit.layer < lm.num_layers:
         raise UserError(f"edit {edit.id} is for layer {edit.layer}, outside this model's {lm.num_layers} layers")
-    out_features, in_features = lm.arch.mlp_out_weight(lm.model, edit.layer).shape
+    out_features, in_features = lm.arch.mlp_out_shape(lm.model, edit.layer)
     if edit.u.shape != (in_features,) or edit.v.shape != (out_features,):
         raise UserError(
             f"edit {edit.id} does not fit this model's layer {edit.layer} (made for {edit.model or 'another model'})"

@@ -104,13 +104,13 @@ def record_gradients(
                 grad = by_name[n]
                 state = corrupted.outputs[n]
                 if grad is None:
-                    per_layer.append(torch.zeros(state.shape[:2], dtype=torch.float64, device=state.device))
+                    per_layer.append(torch.zeros(state.shape[:2], dtype=torch.float64))
                     continue
                 delta = clean.outputs[n].double() - state.detach().double()
                 term = (delta * grad.double()).sum(-1)  # (samples, tokens)
                 term[:, :start] = 0.0  # no noise reaches earlier positions: exactly no change there
-                per_layer.append(term)
-            terms[kind] = torch.stack(per_layer, dim=-1).cpu()
+                per_layer.append(term.cpu())  # layers may compute on different devices
+            terms[kind] = torch.stack(per_layer, dim=-1)
     return Gradients(terms, metric.detach().double().cpu(), space, time.perf_counter() - started, verify)
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from core.counterfact import CounterFactCase
+from core.devices import is_offloaded
 from core.edit_site import default_layer
 from core.edits import EditRequest, applied, changed_weights, unedited
 from core.errors import UserError
@@ -179,7 +180,13 @@ def ft_delta(lm: LoadedModel, request: EditRequest, hp: FTHyperParams | None = N
     layer = default_layer(lm) if hp.layer is None else hp.layer
     if not request.target_new.strip():
         raise UserError("the new target is empty")
-    weight = lm.model.get_submodule(lm.arch.layer_name(lm.model, layer, "mlp_out")).weight
+    name = f"{lm.arch.layer_name(lm.model, layer, 'mlp_out')}.weight"
+    if is_offloaded(lm.model, name):
+        raise UserError(
+            f"FT-L cannot fine-tune layer {layer}: its weights are offloaded by the device map (to the CPU or the "
+            "disk); map that layer to a device that computes, or use ROME"
+        )
+    weight = lm.model.get_parameter(name)
     prompt = lm.tokenizer(request.text)["input_ids"]
     new = target_ids(lm.tokenizer, request.target_new)
     ids = torch.tensor([prompt + new[:-1]], device=lm.device)

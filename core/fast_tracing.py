@@ -53,10 +53,11 @@ def record_runs(setup: TraceSetup, kinds: tuple[str, ...] = ("hidden", "mlp", "a
         with Hooks(lm.model, edit=edits, record=blocks, record_inputs=blocks) as corrupted:
             out = lm.model(input_ids=ids.repeat(setup.samples, 1), use_cache=True)
     cache = getattr(out, "cache", None) or out.past_key_values
+    home = lm.device  # where the engine keeps its states (blocks on other devices get theirs moved)
     return RecordedRuns(
-        block_inputs=[corrupted.inputs[n] for n in blocks],
-        block_outputs=[corrupted.outputs[n] for n in blocks],
-        clean_outputs={kind: [clean.outputs[n] for n in names[kind]] for kind in kinds},
+        block_inputs=[corrupted.inputs[n].to(home) for n in blocks],
+        block_outputs=[corrupted.outputs[n].to(home) for n in blocks],
+        clean_outputs={kind: [clean.outputs[n].to(home) for n in names[kind]] for kind in kinds},
         kv=record_kv(cache),
     )
 
@@ -144,7 +145,7 @@ def _restored_block(
     clean = runs.clean_outputs[kind][block][0, position]
 
     def restore(x: torch.Tensor, name: str) -> None:
-        x[:restored_rows, 0] = clean
+        x[:restored_rows, 0] = clean.to(x.device)
 
     module = lm.arch.layer_name(lm.model, block, kind)
     skip = restored_rows if kind == "mlp" else 0

@@ -10,6 +10,10 @@ are computed, attending to the recorded keys/values of positions < i.
     hidden = out.hidden_states[5][:, 4:]  # block 5's input at positions 4..
     states = run_blocks(lm, hidden, first=5, start_position=4, prefix=PrefixCache(slice_prefix(recorded, 4)))
     logits = final_logits(lm, states[:, -1])  # equals out.logits[:, -1]
+
+On a model spread over devices by a device map (core/devices.py), each block gets its inputs (the states, the
+mask, the rotary embeddings, the prefix keys/values) on its own device, and the results come back on the
+device the states came in on.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from core.devices import execution_device, move_to
 from core.models import LoadedModel
 
 
@@ -40,7 +45,7 @@ class PrefixCache:
         kv = self.layers.get(layer_idx)
         if kv is None or kv.keys.shape[2] == 0:
             return key, value
-        pk, pv = kv.keys, kv.values
+        pk, pv = kv.keys.to(key.device), kv.values.to(value.device)  # a no-op unless the layer moved devices
         if self.repeat > 1:
             pk = pk.repeat(self.repeat, 1, 1, 1)
             pv = pv.repeat(self.repeat, 1, 1, 1)
@@ -94,8 +99,10 @@ def run_blocks(
     start_position..; `prefix` holds the keys/values of positions < start_position for each layer.
     `start_position` may be one start per row (a tensor): rows of different prefix lengths in one batch, each
     prefix right-padded to the longest (the padding is masked out).
-    `after_block(layer, h)` may return a replacement for a block's output."""
+    `after_block(layer, h)` may return a replacement for a block's output (h is on the block's device).
+    The result is on `hidden`'s device."""
     arch, model = lm.arch, lm.model
+    home = hidden.device
     blocks = model.get_submodule(arch.blocks)
     stop = len(blocks) if stop is None else stop
     length = hidden.shape[1]
@@ -113,18 +120,26 @@ def run_blocks(
     kwargs: dict = {"attention_mask": _attention_mask(lm, starts, width, length)}
     if arch.rotary is not None:
         kwargs["position_ids"] = positions
-        kwargs["position_embeddings"] = model.get_submodule(arch.rotary)(hidden, positions)
+        rotary = model.get_submodule(arch.rotary)
+        where = execution_device(rotary)
+        kwargs["position_embeddings"] = move_to(rotary(hidden.to(where), positions.to(where)), home)
     if prefix is not None:
         kwargs[arch.cache_kwarg] = prefix
+    on_device = {home: kwargs}  # the keyword arguments on each device a block computes on
     for layer in range(first, stop):
-        hidden = blocks[layer](hidden, **kwargs)
+        device = execution_device(blocks[layer])
+        if device not in on_device:
+            on_device[device] = {k: v if k == arch.cache_kwarg else move_to(v, device) for k, v in kwargs.items()}
+        hidden = blocks[layer](hidden.to(device), **on_device[device])
         if after_block is not None:
             replaced = after_block(layer, hidden)
             hidden = hidden if replaced is None else replaced
-    return hidden
+    return hidden.to(home)
 
 
 def final_logits(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits from last-layer states: final norm, then the unembedding."""
+    """Logits from last-layer states: final norm, then the unembedding (on `hidden`'s device)."""
     model, arch = lm.model, lm.arch
-    return model.get_submodule(arch.lm_head)(model.get_submodule(arch.final_norm)(hidden))
+    norm, head = model.get_submodule(arch.final_norm), model.get_submodule(arch.lm_head)
+    normed = norm(hidden.to(execution_device(norm)))
+    return head(normed.to(execution_device(head))).to(hidden.device)

@@ -4,7 +4,9 @@
         model(**inputs)
     hooks.outputs["model.layers.5"]   # the output tensor of that module (first element of a tuple output)
 
-`edit_fn(output_tensor, name)` may modify the tensor in place or return a replacement tensor.
+`edit_fn(output_tensor, name)` may modify the tensor in place or return a replacement tensor. On a model spread
+over devices (core/devices.py) each output is on its module's device: an edit moves what it writes there (a
+replacement is moved there for it), and recorded tensors stay there.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ class Hooks:
                 tensor = first_tensor(output)
                 replaced = self.edit[name](tensor, name)
                 if replaced is not None and replaced is not tensor:
-                    output = _replace_first(output, replaced)
+                    output = _replace_first(output, replaced.to(tensor.device))
             if name in self.record:
                 self.outputs[name] = self._keep(first_tensor(output))
             return output

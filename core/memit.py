@@ -118,7 +118,7 @@ def memit_batch(
             mom2 = key_statistics(lm, layer, rome.stats_corpus, rome.stats_tokens).mom2.float()
             a = params.mom2_weight * mom2 + keys_.T @ keys_
             us = torch.linalg.solve(a, keys_.T).T  # (n, in): A^-1 k_i
-            weight = lm.arch.mlp_out_weight(lm.model, layer).float()
+            weight = lm.arch.mlp_out_weight(lm.model, layer).to(device=lm.device, dtype=torch.float32)
             change = residual.T @ us  # (out, in)
             for request, k, u, r in zip(requests, keys_, us, residual):
                 edit = Edit(

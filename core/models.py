@@ -4,6 +4,10 @@ The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 transformers de-quantises it to float32 (~25 s on 2 cores); the result is cached once as safetensors in the
 user cache folder, so later loads take a few seconds. A damaged cache (a truncated file, a killed write) is
 found on load and rebuilt; half-written `.partial` files that a killed process left are swept away.
+
+A model goes to one device, or with `device_map` (core/devices.py) is spread over the GPUs, the CPU and the
+disk by accelerate: a Hugging Face model is loaded straight into place, an in-memory one (the embedded model,
+tiny test models) is dispatched. `LoadedModel.device` is then where inputs go: the embedding's device.
 """
 
 from __future__ import annotations
@@ -24,6 +28,15 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from core.architecture import Architecture, UnsupportedModelError, architecture_for
+from core.devices import (
+    DeviceMap,
+    disk_source,
+    dispatch,
+    execution_device,
+    offload_folder,
+    read_parameter,
+    remove_with,
+)
 from core.errors import UserError
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
@@ -48,7 +61,13 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the embedding's (execution) device."""
+        return execution_device(self.model.get_submodule(self.arch.embed))
+
+    @property
+    def device_map(self) -> dict[str, str | int] | None:
+        """{module: device} when the model is spread over devices by a device map, else None."""
+        return getattr(self.model, "hf_device_map", None)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -74,13 +93,30 @@ class LoadedModel:
             "hidden size": self.hidden_size,
             "parameters": self.num_parameters,
             "device": str(self.device),
+            "device map": _map_summary(self.device_map),
             "dtype": str(self.dtype).replace("torch.", ""),
             "load seconds": round(self.load_seconds, 2),
             "source": self.source,
         }
 
 
+def _map_summary(device_map: dict[str, str | int] | None) -> str:
+    """'cpu: 10, disk: 4' (modules per device) for a device map; '' for none."""
+    if not device_map:
+        return ""
+    counts: dict[str, int] = {}
+    for device in device_map.values():
+        counts[str(device)] = counts.get(str(device), 0) + 1
+    return ", ".join(f"{device}: {n}" for device, n in counts.items())
+
+
 _DIGESTS: dict[int, tuple[weakref.ref, int, str]] = {}  # id(weight) -> (the weight, its _version, digest)
+_DISK_DIGESTS: dict[tuple[int, str], tuple[weakref.ref, str]] = {}  # (id(store), key) -> (the store, digest)
+
+
+def _hash(weight: torch.Tensor) -> str:
+    data = weight.detach().contiguous().cpu()
+    return hashlib.sha1(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
 
 
 def _digest(weight: torch.Tensor) -> str:
@@ -89,11 +125,25 @@ def _digest(weight: torch.Tensor) -> str:
     known = _DIGESTS.get(id(weight))
     if known is not None and known[0]() is weight and known[1] == weight._version:
         return known[2]
-    data = weight.detach().contiguous().cpu()
-    digest = hashlib.sha1(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
+    digest = _hash(weight)
     key = id(weight)
     _DIGESTS[key] = (weakref.ref(weight, lambda _, key=key: _DIGESTS.pop(key, None)), weight._version, digest)
     return digest
+
+
+def _parameter_digest(model: torch.nn.Module, name: str) -> str:
+    """`_digest` of a parameter's values; one that is read from disk at every forward (offloaded, never
+    changed) is hashed once per offload store."""
+    source = disk_source(model, name)
+    if source is None:
+        return _digest(read_parameter(model, name))
+    store, key = source
+    cache_key = (id(store), key)
+    known = _DISK_DIGESTS.get(cache_key)
+    if known is None or known[0]() is not store:
+        known = (weakref.ref(store, lambda _, k=cache_key: _DISK_DIGESTS.pop(k, None)), _hash(store[key]))
+        _DISK_DIGESTS[cache_key] = known
+    return known[1]
 
 
 def weights_fingerprint(lm: LoadedModel) -> str:
@@ -101,11 +151,9 @@ def weights_fingerprint(lm: LoadedModel) -> str:
     matrices edits change; exact bytes, not sums): part of every cache key, so a cache never serves what one
     set of weights gave to another (an edited model, another checkpoint under the same name, another random
     model). Each matrix is hashed once until it changes: a few milliseconds after the first call."""
-    embed = lm.model.get_submodule(lm.arch.embed).weight
-    stored = [
-        lm.model.get_submodule(lm.arch.layer_name(lm.model, layer, "mlp_out")).weight for layer in range(lm.num_layers)
-    ]
-    digests = [_digest(w) for w in [embed, *stored]]
+    names = [f"{lm.arch.embed}.weight"]
+    names += [f"{lm.arch.layer_name(lm.model, layer, 'mlp_out')}.weight" for layer in range(lm.num_layers)]
+    digests = [_parameter_digest(lm.model, name) for name in names]
     return hashlib.sha256(" ".join(digests).encode()).hexdigest()[:16]
 
 
@@ -211,7 +259,11 @@ def save_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_pretrained(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_pretrained(
+    name: str, device_map: DeviceMap | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`name` from the hub cache or a folder; with `device_map`, loaded straight onto its devices (weights
+    mapped to "disk" stay in the checkpoint's safetensors files, or in a temporary folder)."""
     try:
         config = AutoConfig.from_pretrained(name)
     except ValueError as err:
@@ -227,7 +279,16 @@ def _load_pretrained(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
             f"unsupported architecture {config.model_type!r} for {name!r}; supported: {', '.join(_supported_types())}"
         )
     tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    if device_map is None:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype), tokenizer
+    folder = offload_folder()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device_map, offload_folder=folder)
+    except (ValueError, RuntimeError, KeyError) as err:
+        shutil.rmtree(folder, ignore_errors=True)
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ModelLoadError(f"cannot load {name!r} with the device map {device_map!r}: {why}") from None
+    remove_with(model, folder)
     return model, tokenizer
 
 
@@ -237,20 +298,37 @@ def _supported_types() -> list[str]:
     return sorted(ARCHITECTURES)
 
 
-def load_model(name: str | None = None, device: str | torch.device | None = None, half: bool = False) -> LoadedModel:
+def _dtype(half: bool, device: torch.device | None, device_map: DeviceMap | None) -> torch.dtype:
+    """float16 for `half` where a GPU computes, else float32."""
+    on_gpu = device.type == "cuda" if device_map is None else torch.cuda.is_available()
+    return torch.float16 if half and on_gpu else torch.float32
+
+
+def load_model(
+    name: str | None = None,
+    device: str | torch.device | None = None,
+    half: bool = False,
+    device_map: DeviceMap | None = None,
+) -> LoadedModel:
     """Load `name` (None or the embedded name: the embedded default; else a Hugging Face id or local folder).
 
-    The model is put in eval mode on `device` (CUDA when present by default); `half` uses float16 on a GPU.
+    The model is put in eval mode on `device` (CUDA when present by default), or spread over devices by
+    `device_map` (core/devices.py; not both); `half` uses float16 on a GPU.
     """
     name = name or EMBEDDED_MODEL
+    if device is not None and device_map is not None:
+        raise ModelLoadError("give a device or a device map, not both")
     start = time.perf_counter()
     sweep_partials()
     if name == EMBEDDED_MODEL:
         model, tokenizer, source = _load_embedded()
     else:
-        model, tokenizer = _load_pretrained(name)
+        dtype = _dtype(half, torch.device(device) if device is not None else default_device(), device_map)
+        model, tokenizer = _load_pretrained(name, device_map, dtype)
         source = "hub/local"
-    return wrap_model(model, tokenizer, name, device=device, half=half, source=source, start=start)
+    return wrap_model(
+        model, tokenizer, name, device=device, half=half, source=source, start=start, device_map=device_map
+    )
 
 
 def wrap_model(
@@ -261,18 +339,27 @@ def wrap_model(
     half: bool = False,
     source: str = "memory",
     start: float | None = None,
+    device_map: DeviceMap | None = None,
 ) -> LoadedModel:
-    """Make a LoadedModel of an in-memory model: eval mode, no weight gradients, on `device`."""
+    """Make a LoadedModel of an in-memory model: eval mode, no weight gradients, on `device`, or spread over
+    devices by `device_map` (unless from_pretrained placed it already)."""
     start = time.perf_counter() if start is None else start
-    device = torch.device(device) if device is not None else default_device()
-    dtype = torch.float16 if half and device.type == "cuda" else torch.float32
-    model = model.to(device=device, dtype=dtype).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    if device is not None and device_map is not None:
+        raise ModelLoadError("give a device or a device map, not both")
     try:
         arch = architecture_for(model)
     except UnsupportedModelError as err:
         raise ModelLoadError(str(err)) from None
+    if device_map is None:
+        device = torch.device(device) if device is not None else default_device()
+        model = model.to(device=device, dtype=_dtype(half, device, None))
+    elif getattr(model, "hf_device_map", None) is None:  # in memory: dispatch it
+        block = type(model.get_submodule(f"{arch.blocks}.0")).__name__
+        model = model.to(dtype=_dtype(half, None, device_map))
+        dispatch(model, device_map, no_split=[block])
+    model = model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
     return LoadedModel(
         name=name,
         model=model,

@@ -250,12 +250,13 @@ def record_rows(lm: LoadedModel, rows: list[EditRow], layer: int) -> RowRecordin
             with Hooks(lm.model, record=[block, mlp_out], record_inputs=[mlp_out]) as hooks:
                 out = lm.model(input_ids=ids, use_cache=True)
             kv = record_kv(cache_of(out))
+            home = {"device": lm.device, "dtype": torch.float32}  # the layer may compute on another device
             for j, i in enumerate(members):
                 pos = rows[i].key_position
-                hidden[i] = hooks.outputs[block][j, pos:].float()
+                hidden[i] = hooks.outputs[block][j, pos:].to(**home)
                 prefix_kv[i] = {n: (v.keys[j, :, :pos], v.values[j, :, :pos]) for n, v in kv.items()}
-                keys[i] = hooks.inputs[mlp_out][j, pos].float()
-                outputs[i] = hooks.outputs[mlp_out][j, pos].float()
+                keys[i] = hooks.inputs[mlp_out][j, pos].to(**home)
+                outputs[i] = hooks.outputs[mlp_out][j, pos].to(**home)
                 if rows[i].kl:
                     kl[i] = torch.log_softmax(out.logits[j, -1].float(), dim=-1)
     return RowRecording(
@@ -514,11 +515,11 @@ def solve_rows(
 
     with torch.no_grad():
         solve_key = recording.keys[0] if hp.solve_at == "plain" else k_star
-        weight = lm.arch.mlp_out_weight(lm.model, layer).float()
-        bias = lm.model.get_submodule(lm.arch.layer_name(lm.model, layer, "mlp_out")).bias
+        weight = lm.arch.mlp_out_weight(lm.model, layer).to(device=lm.device, dtype=torch.float32)
+        bias = lm.arch.mlp_out_bias(lm.model, layer)
         wanted = weight @ solve_key + delta  # W k + delta: the output without the bias, moved by delta
         u, v = rank_one_update(stats.mom2.to(device=lm.device, dtype=torch.float32), k_star, wanted, weight, solve_key)
-        value = wanted + (bias.float() if bias is not None else 0)
+        value = wanted + (bias.to(device=lm.device, dtype=torch.float32) if bias is not None else 0)
     return RowSolution(u, v, solve_key, value, k_star, float(delta.norm()), trace, key_seconds, value_seconds)
 
 

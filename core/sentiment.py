@@ -276,12 +276,15 @@ def read_texts(
         last = torch.tensor([lengths[i] - 1 for i in batch], device=device)
         picked: dict[int, torch.Tensor] = {}
 
+        def at_last(tensor: torch.Tensor) -> torch.Tensor:  # each row's last real token, on the CPU
+            return tensor[rows.to(tensor.device), last.to(tensor.device)].float().cpu()
+
         def keep_last(tensor: torch.Tensor, name: str) -> None:
-            picked[names[name]] = tensor[rows, last].float().cpu()
+            picked[names[name]] = at_last(tensor)
 
         with Hooks(model, edit={name: keep_last for name in names}):
             out = model.base_model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
-        final[batch] = out.last_hidden_state[rows, last].float().cpu().numpy()
+        final[batch] = at_last(out.last_hidden_state).numpy()
         for layer in layers:
             hidden[layer][batch] = picked[layer].numpy()
         done += len(batch)

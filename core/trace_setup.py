@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.devices import read_parameter
 from core.errors import UserError
 from core.hooks import Hooks
 from core.models import LoadedModel
@@ -86,7 +87,7 @@ def embedding_std(lm: LoadedModel, subjects: Sequence[str] | None = None) -> flo
     subjects = list(subjects) if subjects is not None else list(_reference_subjects())
     embed = lm.model.get_submodule(lm.arch.embed)
     if not subjects:
-        return float(embed.weight.float().std())
+        return float(read_parameter(lm.model, f"{lm.arch.embed}.weight").float().std())
     with torch.no_grad():
         ids = [torch.tensor(lm.tokenizer(s)["input_ids"], device=lm.device) for s in subjects]
         return float(torch.cat([embed(i) for i in ids]).float().std())

@@ -104,6 +104,16 @@ def test_home_shows_the_model_card_and_survives_an_unknown_model(lm):
     assert not errors(at) and not at.exception
 
 
+def test_home_loads_the_model_with_a_device_map(lm):
+    at = open_app()
+    at.selectbox[0].set_value("auto")
+    at.button[0].click().run()
+    assert not at.exception and not errors(at)
+    assert at.session_state[common.DEVICE_MAP_KEY] == "auto"
+    assert any("Device map" in c.value for c in at.caption)  # the map's modules per device
+    assert metrics(at)["Layers"] == str(lm.num_layers) and metrics(at)["Device"] == "cpu"
+
+
 # --- trace explorer -------------------------------------------------------------------------------------------
 
 

@@ -22,12 +22,14 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
+from core.devices import parse_device_map
 from core.edits import Edit, EditRequest, Holder, applied, export_edits, import_edits
 from core.errors import UserError
 from core.models import EMBEDDED_MODEL, LoadedModel, load_model
 from core.progress import Progress, Step
 
 MODEL_KEY = "model_name"
+DEVICE_MAP_KEY = "device_map"  # "" (one device) or a named device map: core.devices.DEVICE_MAP_NAMES
 EDITS_KEY = "edits"
 HANDOFF_KEY = "trace_handoff"  # the fact editor's "trace again" -> the trace explorer's inputs
 
@@ -89,20 +91,26 @@ def show_error(err: Exception, doing: str = "") -> None:
 
 
 @st.cache_resource(show_spinner=False, max_entries=3)
-def _load(name: str) -> LoadedModel:
-    return load_model(name)
+def _load(name: str, device_map: str) -> LoadedModel:
+    return load_model(name, device_map=parse_device_map(device_map) if device_map else None)
 
 
 def model_name() -> str:
     return st.session_state.get(MODEL_KEY, EMBEDDED_MODEL)
 
 
-def load(name: str) -> LoadedModel:
-    """The model `name`, loaded once per process (raises UserError)."""
+def model_device_map() -> str:
+    """This session's device map: "" (the model on one device) or a named map such as "auto"."""
+    return st.session_state.get(DEVICE_MAP_KEY, "")
+
+
+def load(name: str, device_map: str = "") -> LoadedModel:
+    """The model `name` (spread over devices by `device_map` when given), loaded once per process (raises
+    UserError)."""
     name = name.strip()
     if not name:
         raise UserError("give a model name: a Hugging Face id or a local folder")
-    return _load(name)
+    return _load(name, device_map.strip())
 
 
 def current_model() -> LoadedModel | None:
@@ -110,7 +118,7 @@ def current_model() -> LoadedModel | None:
     name = model_name()
     try:
         with st.spinner(f"Loading {name} …"):
-            return load(name)
+            return load(name, model_device_map())
     except Exception as err:
         show_error(err, f"loading {name}")
         return None

@@ -1,4 +1,5 @@
-"""What every command shares: the --model/--json/--device/--tf32 options, model loading, JSON output."""
+"""What every command shares: the --model/--json/--device/--device-map/--tf32 options, model loading, JSON
+output."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.devices import DEVICE_MAP_NAMES, DeviceMap, parse_device_map
+from core.errors import UserError
 from core.models import EMBEDDED_MODEL, LoadedModel, load_model
 from core.precision import allow_tf32
 
@@ -21,12 +24,20 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument(
+        "--device-map",
+        default=None,
+        type=device_map,
+        metavar="MAP",
+        help=f"spread the model over GPUs, CPU and disk (accelerate): {', '.join(DEVICE_MAP_NAMES)}, "
+        'or a JSON object / file {"module": "cuda:0" | "cpu" | "disk", ...}',
+    )
+    parser.add_argument(
         "--tf32", action="store_true", help="CUDA: TF32 matrix products (faster; tables differ slightly, bench/gpu.py)"
     )
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
-    lm = load_model(args.model, device=args.device)
+    lm = load_model(args.model, device=args.device, device_map=getattr(args, "device_map", None))
     if getattr(args, "tf32", False):
         allow_tf32(lm)
     return lm
@@ -47,6 +58,14 @@ def output_file(text: str) -> str:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: the folder {str(existing)!r} is not writable")
     return text
+
+
+def device_map(text: str) -> DeviceMap:
+    """An argparse type for --device-map (core.devices.parse_device_map)."""
+    try:
+        return parse_device_map(text)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def positive_int(text: str) -> int:
