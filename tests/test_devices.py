@@ -76,7 +76,7 @@ def test_fast_trace_equal_with_cpu_and_disk_blocks(family, tokenizer):
     assert weights_fingerprint(dispatched) == weights_fingerprint(plain)
     a = trace(plain, PROMPT, SUBJECT, samples=3)
     b = trace(dispatched, PROMPT, SUBJECT, samples=3)
-    assert a.answer == b.answer and a.low_score == pytest.approx(b.low_score, abs=1e-7)
+    assert a.answer == b.answer and a.corrupted_score == pytest.approx(b.corrupted_score, abs=1e-7)
     for kind in ("hidden", "mlp", "attn"):
         assert abs(a.scores[kind] - b.scores[kind]).max() < 1e-6, kind
 
