@@ -227,6 +227,9 @@ def main() -> None:
     )
     parser.add_argument("--verify", type=int, default=10, help="cells per kind the hybrid computes exactly")
     parser.add_argument("--kinds", default="hidden,mlp,attn")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="torch threads (timing on one core: 1)"
+    )
     parser.add_argument("--json", dest="json_out")
     args = parser.parse_args()
 
@@ -236,7 +239,7 @@ def main() -> None:
     from core.sentiment_trace import default_proxy, sentiment_setup
     from core.trace_setup import prepare
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, args.threads))
     kinds = tuple(args.kinds.split(","))
     lm = load_model(device="cpu")
     proxy = default_proxy(lm)
