@@ -39,7 +39,7 @@ from core.errors import UserError
 from core.generation import GenerationSettings, generate, generate_ids
 from core.models import LoadedModel
 from core.progress import Progress
-from core.prompts import target_ids
+from core.prompts import target_ids, whole_word_spans
 from core.rome import RomeHyperParams, compute_edit
 
 METHODS = ("none", "rome", "ft")
@@ -106,10 +106,7 @@ def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights: tuple[float,
 
 def names_object(text: str, obj: str) -> bool:
     """Whether `text` names `obj` as a whole word (or words), case-insensitive."""
-    words = obj.strip()
-    if not words:
-        return False
-    return re.search(r"(?<!\w)" + re.escape(words) + r"(?!\w)", text, flags=re.IGNORECASE) is not None
+    return bool(whole_word_spans(text, obj))
 
 
 def continuations(lm: LoadedModel, prompts: Sequence[str], tokens: int = TEXT_TOKENS) -> list[str]:

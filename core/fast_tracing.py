@@ -258,3 +258,11 @@ def fast_cells(
                 row = window_row(setup, runs, position, kind, layers)
                 out.update({(position, layer): float(row[layer]) for layer in layers})
     return out
+
+
+def mlp_effects_at_span_end(setup: TraceSetup, layers: Sequence[int]) -> list[float]:
+    """The exact mlp-kind indirect effect (restored minus corrupted score) at the corrupted span's last token,
+    for each of `layers`; only those cells are computed (the layer sweeps' trace column)."""
+    last = setup.corrupt_range[1] - 1
+    cells = fast_cells(setup, "mlp", [(last, layer) for layer in layers])
+    return [cells[(last, layer)] - setup.corrupted_score for layer in layers]

@@ -8,6 +8,7 @@ here, so a tokenizer that adds a BOS (Llama-2, Mistral) is handled the same way 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -104,6 +105,15 @@ def subject_span(
     if start is None or end is None or end <= start:
         raise PromptError(f"cannot map the subject {shown!r} to tokens of {text!r}")
     return ids, (start, end)
+
+
+def whole_word_spans(text: str, words: str) -> list[tuple[int, int]]:
+    """[start, end) characters of every whole-word occurrence of `words` in `text`, any case, in order
+    (none for empty `words`)."""
+    words = words.strip()
+    if not words:
+        return []
+    return [m.span() for m in re.finditer(rf"(?<!\w){re.escape(words)}(?!\w)", text, flags=re.IGNORECASE)]
 
 
 def target_ids(tokenizer: PreTrainedTokenizerBase, target: str) -> list[int]:

@@ -21,11 +21,10 @@ subject's last token (`subject_mlp_effect`), as the fact sweep does (core/sweep.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -33,10 +32,10 @@ from core.covariance import key_statistics
 from core.edit_site import default_layer
 from core.edits import Edit, EditRequest, applied
 from core.errors import UserError
-from core.fast_tracing import fast_cells
+from core.fast_tracing import mlp_effects_at_span_end
 from core.models import LoadedModel
 from core.progress import Progress, Step
-from core.prompts import subject_span, target_ids
+from core.prompts import subject_span, target_ids, whole_word_spans
 from core.rome import EditRow, RomeHyperParams, solve_rows, subject_tokens
 from core.sentiment import CLASSES, FeelingProxy, make_prompt, read_texts
 from core.sentiment_trace import sentiment_setup
@@ -49,14 +48,17 @@ def mention(text: str, subject: str) -> tuple[int, int] | None:
     """[start, end) characters of the subject's last whole-word mention in `text` (any case), or None."""
     if not subject.strip():
         raise UserError("the subject is empty")
-    found = list(re.finditer(rf"(?<!\w){re.escape(subject.strip())}(?!\w)", text, flags=re.IGNORECASE))
-    return (found[-1].start(), found[-1].end()) if found else None
+    found = whole_word_spans(text, subject)
+    return found[-1] if found else None
 
 
 def split_by_mention(texts: Sequence[str], subject: str) -> tuple[list[str], list[str]]:
     """(texts that mention the subject, texts that do not)."""
-    hits = [t for t in texts if mention(t, subject)]
-    return hits, [t for t in texts if not mention(t, subject)]
+    hits: list[str] = []
+    rest: list[str] = []
+    for text in texts:
+        (hits if mention(text, subject) else rest).append(text)
+    return hits, rest
 
 
 def target_word(proxy_words: Sequence[str], target: str) -> str:
@@ -102,12 +104,10 @@ def compute_sentiment_edit(
     `subject` end in the proxy's `target` word (see the module docstring). Statistics as for ROME (cached,
     unedited weights); the model work runs inside `step()`."""
     started = time.perf_counter()
-    hp = hparams or RomeHyperParams()
+    hp = replace(hparams or RomeHyperParams(), layer=default_layer(lm) if layer is None else layer)
     hp.check(lm)
+    layer = hp.layer
     word = target_word(proxy.words, target)
-    layer = default_layer(lm) if layer is None else layer
-    if not 0 <= layer < lm.num_layers:
-        raise UserError(f"layer {layer} is outside the model's layers 0..{lm.num_layers - 1}")
     rows = sentiment_rows(lm, subject, texts, word, proxy.suffix)
     stats = key_statistics(lm, layer, hp.stats_corpus, hp.stats_tokens, step=step)
     with step():
@@ -146,6 +146,12 @@ def positive_probabilities(lm: LoadedModel, proxy: FeelingProxy, texts: Sequence
     return proxy.reader.positive_probability(features.feeling(lm, proxy.words))
 
 
+def reads_as(probabilities: np.ndarray, target: str) -> np.ndarray:
+    """Which p(positive) the proxy reads as `target` (positive: p > 0.5, as FeelingProxy.predict)."""
+    positive = np.asarray(probabilities) > 0.5
+    return positive if target == "positive" else ~positive
+
+
 @dataclass
 class TextGroup:
     """One group of texts read before and after an edit."""
@@ -154,21 +160,17 @@ class TextGroup:
     before: np.ndarray  # p(positive) per text
     after: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
-    def reads(self, probabilities: np.ndarray, target: str) -> np.ndarray:
-        positive = probabilities > 0.5  # as FeelingProxy.predict
-        return positive if target == "positive" else ~positive
-
     def flipped(self, target: str) -> float | None:
         """Of the texts not read as `target` before, the share read as `target` after (None: there were none)."""
-        was = self.reads(self.before, target)
+        was = reads_as(self.before, target)
         if was.all():
             return None
-        return float(self.reads(self.after, target)[~was].mean())
+        return float(reads_as(self.after, target)[~was].mean())
 
     def unchanged(self) -> float | None:
         if not len(self.texts):
             return None
-        return float(((self.before > 0.5) == (self.after > 0.5)).mean())
+        return float((reads_as(self.before, "positive") == reads_as(self.after, "positive")).mean())
 
 
 @dataclass
@@ -250,10 +252,8 @@ def subject_mlp_effect(
         if found is None:
             raise UserError(f"the text {text.strip()[:60]!r} does not mention {subject.strip()!r}")
         setup, _ = sentiment_setup(lm, text, proxy, span=text.strip()[found[0] : found[1]], samples=samples)
-        last = setup.corrupt_range[1] - 1
-        cells = fast_cells(setup, "mlp", [(last, layer) for layer in layers])
         sign = 1.0 if setup.clean_score >= setup.corrupted_score else -1.0
-        effects.append([(cells[(last, layer)] - setup.corrupted_score) * sign for layer in layers])
+        effects.append([effect * sign for effect in mlp_effects_at_span_end(setup, layers)])
         if progress:
             progress(done, len(texts))
     return [float(v) for v in np.mean(effects, axis=0)]

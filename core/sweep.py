@@ -113,15 +113,12 @@ def _answers(lm: LoadedModel, prompts: Sequence[str]) -> list[str]:
     ]
 
 
-def _trace_effects(lm: LoadedModel, request: EditRequest, layers: Sequence[int], samples: int) -> list[float | None]:
+def _trace_effects(lm: LoadedModel, request: EditRequest, layers: Sequence[int], samples: int) -> list[float]:
     """Exact mlp-kind indirect effect at the subject's last token for each layer (fast engine, those cells only)."""
-    from core.fast_tracing import fast_cells
+    from core.fast_tracing import mlp_effects_at_span_end
     from core.trace_setup import prepare
 
-    setup = prepare(lm, request.text, request.subject, samples=samples)
-    last = setup.corrupt_range[1] - 1
-    cells = fast_cells(setup, "mlp", [(last, layer) for layer in layers])
-    return [cells[(last, layer)] - setup.corrupted_score for layer in layers]
+    return mlp_effects_at_span_end(prepare(lm, request.text, request.subject, samples=samples), layers)
 
 
 def layer_sweep(

@@ -11,7 +11,7 @@ from core.edit_site import default_layer
 from core.edits import applied
 from core.errors import UserError
 from core.rome import RomeHyperParams
-from core.sentiment_edit import TARGETS, compute_sentiment_edit, mention, positive_probabilities
+from core.sentiment_edit import TARGETS, compute_sentiment_edit, mention, positive_probabilities, reads_as
 from core.sentiment_trace import default_proxy
 from ui.common import bar_progress, cancel_button, lines, page, page_model, session_step, show_error
 
@@ -99,16 +99,15 @@ if go:
 result = state.get("sedit_result")
 if result is not None and result[0] == lm.name:
     _, edit, table = result
-    reads = {"positive": lambda p: p > 0.5, "negative": lambda p: p <= 0.5}[edit.info["target"]]
     st.subheader(f"{edit.request.subject!r} read as {edit.info['target']}, edit at layer {edit.layer}")
     cols = st.columns(3)
     for col, group in zip(cols, ("the edit's", "about the subject", "other")):
         rows = table[table["group"] == group]
         if group == "other":
-            kept = ((rows["p(positive) before"] > 0.5) == (rows["after"] > 0.5)).sum()
+            kept = (reads_as(rows["p(positive) before"], "positive") == reads_as(rows["after"], "positive")).sum()
             col.metric("other texts: reading kept", f"{kept} / {len(rows)}")
         else:
-            now = reads(rows["after"]).sum()
+            now = reads_as(rows["after"], edit.info["target"]).sum()
             col.metric(f"{group} texts read {edit.info['target']}", f"{now} / {len(rows)}")
     st.dataframe(
         table.style.format({"p(positive) before": "{:.3f}", "after": "{:.3f}"}), hide_index=True, width="stretch"
