@@ -1,9 +1,10 @@
 """ROME benchmark: edit latency (statistics cached and not), peak memory, and the CounterFact table (ES, PS,
-NS, generation efficacy / bleed / keeps-true from the greedy texts, fluency) for none / ft / rome / paper on the
-project's set, side by side; `paper` is the published ROME code's settings (core.rome.PAPER) on the same model
-and cases. Ablations of the project's settings (one change each) are further runs by name.
+NS, generation efficacy / rewrite / bleed / keeps-true from the greedy texts, fluency) for none / ft / rome /
+memit (one request, spread over MEMIT's layers) / paper on the project's set, side by side; `paper` is the
+published ROME code's settings (core.rome.PAPER) on the same model and cases. Ablations of the project's
+settings (one change each) are further runs by name.
 
-    PYTHONPATH=. python bench/edit.py --no-latency --runs none,ft,rome,paper      # the table, all 94 cases
+    PYTHONPATH=. python bench/edit.py --no-latency --runs none,ft,rome,memit,paper   # the table, all 94 cases
     PYTHONPATH=. python bench/edit.py --no-latency --runs rome,ctx10+10,stop-nll --every 3   # ablations
     PYTHONPATH=. python bench/edit.py --measure-layer 20
 
@@ -146,7 +147,9 @@ def main() -> None:
     parser.add_argument("--stats-tokens", type=int, default=DEFAULT_TOKENS)
     parser.add_argument("--fluency-tokens", type=int, default=40)
     parser.add_argument(
-        "--runs", default="none,ft,rome,paper", help="comma-separated: none, ft, rome, or an ablation name (see --list)"
+        "--runs",
+        default="none,ft,rome,memit,paper",
+        help="comma-separated: none, ft, rome, memit, or an ablation name (see --list)",
     )
     parser.add_argument("--list", action="store_true", help="list the ablation names and exit")
     parser.add_argument("--no-latency", action="store_true")
@@ -184,7 +187,7 @@ def main() -> None:
     variants = ablations(hp)
     runs = []
     for name in (n for n in args.runs.split(",") if n and n != "-"):
-        if name in ("none", "ft", "rome"):
+        if name in ("none", "ft", "rome", "memit"):
             runs.append((name, name, hp))
         elif name in variants:
             runs.append((name, "rome", variants[name]))

@@ -10,10 +10,14 @@
   the greedy continuation (20 new tokens) of every generation and paraphrase prompt after the edit.
   Generation efficacy: share that name the new object (whole word, case-insensitive); generation bleed: share
   of neighbourhood prompts whose continuation names the new object after the edit but not before; generation
-  keeps-true: share of the generation and paraphrase continuations that still name the true object. The
-  texts are kept per case.
+  keeps-true: share of the generation and paraphrase continuations that still name the true object;
+  generation rewrite: of the generation and paraphrase continuations in which the *unedited* model names the
+  true object, the share that name the new object after the edit (pooled over texts: the edit shows where the
+  model writes the fact at all; the embedded model names its own fact in only ~38% of those texts, which
+  bounds plain generation efficacy). The texts are kept per case.
 
-Methods: `none` (unedited), `rome` (core/rome.py), `ft` (FT-L: fine-tune the same layer's MLP output
+Methods: `none` (unedited), `rome` (core/rome.py), `memit` (core/memit.py with one request: the same value
+optimisation, the update spread over MEMIT's layers), `ft` (FT-L: fine-tune the same layer's MLP output
 projection on the rewrite prompt, every entry kept within +-norm_constraint of its original value).
 """
 
@@ -37,12 +41,13 @@ from core.edit_site import default_layer
 from core.edits import EditRequest, applied, changed_weights, unedited
 from core.errors import UserError
 from core.generation import GenerationSettings, generate, generate_ids
+from core.memit import MemitParams, memit_batch
 from core.models import LoadedModel
 from core.progress import Progress
 from core.prompts import target_ids, whole_word_spans
 from core.rome import RomeHyperParams, compute_edit
 
-METHODS = ("none", "rome", "ft")
+METHODS = ("none", "rome", "memit", "ft")
 TEXT_TOKENS = 20  # new tokens of the greedy continuations the text-level scores read
 
 
@@ -136,11 +141,15 @@ def unedited_continuations(lm: LoadedModel, prompts: Sequence[str], tokens: int 
 class TextScores:
     """What the model writes after an edit: the share of the generation + paraphrase continuations that name
     the new object (efficacy) and the true one (keeps_true), and the share of neighbourhood continuations
-    that name the new object after the edit but did not before (bleed); the texts themselves."""
+    that name the new object after the edit but did not before (bleed); of the continuations whose unedited
+    text names the true object (`written_before` of them), how many name the new object now (`rewritten`);
+    the texts themselves."""
 
     efficacy: float
     keeps_true: float
     bleed: float
+    rewritten: int
+    written_before: int
     texts: dict[str, list[str]]
 
 
@@ -156,13 +165,22 @@ def text_scores(
     prompts whose continuation should name the new object, `neighbourhood` those that should not."""
     after = continuations(lm, [*prompts, *neighbourhood], tokens)
     own, neigh_after = after[: len(prompts)], after[len(prompts) :]
-    neigh_before = unedited_continuations(lm, neighbourhood, tokens)
+    before = unedited_continuations(lm, [*prompts, *neighbourhood], tokens)
+    own_before, neigh_before = before[: len(prompts)], before[len(prompts) :]
     bleed = [names_object(a, target_new) and not names_object(b, target_new) for a, b in zip(neigh_after, neigh_before)]
+    written = [names_object(a, target_new) for a, b in zip(own, own_before) if names_object(b, target_true)]
     return TextScores(
         efficacy=float(np.mean([names_object(t, target_new) for t in own])) if own else math.nan,
         keeps_true=float(np.mean([names_object(t, target_true) for t in own])) if own else math.nan,
         bleed=float(np.mean(bleed)) if bleed else math.nan,
-        texts={"prompts": own, "neighbourhood_before": neigh_before, "neighbourhood_after": neigh_after},
+        rewritten=sum(written),
+        written_before=len(written),
+        texts={
+            "prompts": own,
+            "prompts_before": own_before,
+            "neighbourhood_before": neigh_before,
+            "neighbourhood_after": neigh_after,
+        },
     )
 
 
@@ -243,6 +261,8 @@ class CaseResult:
     generation_efficacy: float | None = None  # share of generation + paraphrase continuations naming the new object
     generation_keeps_true: float | None = None  # ... still naming the true object
     generation_bleed: float | None = None  # share of neighbourhood continuations newly naming the new object
+    generation_rewritten: int | None = None  # continuations naming the new object whose unedited text named ...
+    generation_written_before: int | None = None  # ... the true object (of this many)
     texts: dict[str, list[str]] = field(default_factory=dict)  # the continuations, by prompt kind
     edit_seconds: float = 0.0
     edit_cpu_seconds: float = 0.0  # process CPU time of the edit (what a quiet machine would take, 1 thread)
@@ -265,6 +285,7 @@ class EvaluationResult:
     generation_efficacy: float | None
     generation_keeps_true: float | None
     generation_bleed: float | None
+    generation_rewrite: float | None  # pooled: rewritten / written before, over all cases' continuations
     seconds: float
     mean_edit_seconds: float
     mean_edit_cpu_seconds: float
@@ -284,6 +305,7 @@ class EvaluationResult:
             "score",
             "generation_efficacy",
             "generation_bleed",
+            "generation_rewrite",
             "generation_keeps_true",
             "efficacy_magnitude",
             "paraphrase_magnitude",
@@ -327,9 +349,14 @@ def _measure(
         result.generation_efficacy = scores.efficacy
         result.generation_keeps_true = scores.keeps_true
         result.generation_bleed = scores.bleed
+        result.generation_rewritten = scores.rewritten
+        result.generation_written_before = scores.written_before
+        n_gen = len(case.generation_prompts)
         result.texts = {
-            "generation": scores.texts["prompts"][: len(case.generation_prompts)],
-            "paraphrase": scores.texts["prompts"][len(case.generation_prompts) :],
+            "generation": scores.texts["prompts"][:n_gen],
+            "paraphrase": scores.texts["prompts"][n_gen:],
+            "generation_before": scores.texts["prompts_before"][:n_gen],
+            "paraphrase_before": scores.texts["prompts_before"][n_gen:],
             "neighbourhood_before": scores.texts["neighbourhood_before"],
             "neighbourhood_after": scores.texts["neighbourhood_after"],
         }
@@ -344,8 +371,10 @@ def evaluate_case(
     fluency_tokens: int = 40,
     seed: int = 0,
     text_tokens: int = TEXT_TOKENS,
+    memit: MemitParams | None = None,
 ) -> CaseResult:
-    """Edit a clean model with `method`, measure, and put the model back (bitwise)."""
+    """Edit a clean model with `method`, measure, and put the model back (bitwise). `rome`: ROME's settings,
+    also memit's value optimisation (the full ROME settings by default, as a single edit deserves)."""
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     result = CaseResult(case.case_id, case.subject, case.target_new, case.target_true)
@@ -361,6 +390,14 @@ def evaluate_case(
             result.edit_cpu_seconds = edit.info["cpu_seconds"]
             with applied(lm, [edit]):
                 _measure(lm, case, result, fluency_tokens, seed, text_tokens)
+        elif method == "memit":
+            batch = memit_batch(lm, [request], rome or RomeHyperParams(), memit)
+            if batch.skipped:
+                raise UserError(batch.skipped[0][1])
+            result.edit_seconds = time.perf_counter() - started
+            result.edit_cpu_seconds = time.process_time() - cpu
+            with applied(lm, batch.edits):
+                _measure(lm, case, result, fluency_tokens, seed, text_tokens)
         else:
             layer, change = ft_delta(lm, request, ft)
             result.edit_seconds = time.perf_counter() - started
@@ -370,6 +407,12 @@ def evaluate_case(
     except UserError as err:  # e.g. the model already answers the new target: the case cannot be an edit
         result.skipped = str(err)
     return result
+
+
+def pooled_share(hits: Sequence[int | None], of: Sequence[int | None]) -> float | None:
+    """sum(hits) / sum(of) over the cases that measured it; None when nothing was counted."""
+    total = sum(n for n in of if n is not None)
+    return sum(h for h in hits if h is not None) / total if total else None
 
 
 def _mean(values: list[float | None]) -> float:
@@ -386,6 +429,7 @@ def evaluate(
     fluency_tokens: int = 40,
     progress: Progress | None = None,
     text_tokens: int = TEXT_TOKENS,
+    memit: MemitParams | None = None,
 ) -> EvaluationResult:
     """CounterFact metrics of `method` over `cases` (each edited on the clean model)."""
     if method not in METHODS:
@@ -395,7 +439,9 @@ def evaluate(
     started = time.perf_counter()
     results = []
     for i, case in enumerate(cases):
-        results.append(evaluate_case(lm, case, method, rome, ft, fluency_tokens, seed=i, text_tokens=text_tokens))
+        results.append(
+            evaluate_case(lm, case, method, rome, ft, fluency_tokens, seed=i, text_tokens=text_tokens, memit=memit)
+        )
         if progress:
             progress(i + 1, len(cases))
     return summarise(method, results, fluency_tokens > 0, time.perf_counter() - started)
@@ -421,6 +467,11 @@ def summarise(method: str, results: list[CaseResult], fluency: bool, seconds: fl
         generation_efficacy=_mean([r.generation_efficacy for r in done]) if done and texts else None,
         generation_keeps_true=_mean([r.generation_keeps_true for r in done]) if done and texts else None,
         generation_bleed=_mean([r.generation_bleed for r in done]) if done and texts else None,
+        generation_rewrite=pooled_share(
+            [r.generation_rewritten for r in done], [r.generation_written_before for r in done]
+        )
+        if done and texts
+        else None,
         seconds=seconds,
         mean_edit_seconds=_mean([r.edit_seconds for r in done]) if method != "none" else 0.0,
         mean_edit_cpu_seconds=_mean([r.edit_cpu_seconds for r in done]) if method != "none" else 0.0,

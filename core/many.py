@@ -1,7 +1,8 @@
-"""Many edits on one model, measured: sequential (ROME, AlphaEdit) or one batch (MEMIT).
+"""Many edits on one model, measured: sequential (ROME, AlphaEdit) or batched (MEMIT: one batch, or batches of
+`batch_size` one after another; 1 = sequential edits each spread over MEMIT's layers).
 
-Sequential: each edit is computed on the model that already carries the earlier ones, as a user does in the
-app. After every `curve_every` edits, the scores over *all* edits so far (efficacy, paraphrase,
+Sequential: each edit (or batch) is computed on the model that already carries the earlier ones, as a user
+does in the app. After every `curve_every` edits, the scores over *all* edits so far (efficacy, paraphrase,
 neighbourhood; core.evaluation's definitions), fluency on a fixed sample of generation prompts and the norm
 of the accumulated update make one point of the `curve`. At the end every score is measured over all
 edits, fluency over every case's generation prompts, next to the unedited model's fluency on the same
@@ -38,10 +39,11 @@ SEQUENTIAL = ("rome", "alphaedit")
 @dataclass(frozen=True)
 class ManyParams:
     method: str = "rome"
-    rome: RomeHyperParams = field(default_factory=RomeHyperParams)
+    rome: RomeHyperParams | None = None  # None: the method's default (core.memit.VALUE_SETTINGS for memit)
     alphaedit: AlphaEditParams = field(default_factory=AlphaEditParams)
     memit: MemitParams = field(default_factory=MemitParams)
     curve_every: int = 10  # a curve point after every this many edits (and after the last)
+    batch_size: int | None = None  # memit: facts per batch, batches one after another (None: all in one)
     curve_fluency_cases: int = 10  # fluency at curve points: the generation prompts of the first N cases
     fluency_tokens: int = 40  # tokens sampled per generation prompt (0: no fluency)
     text_scores: bool = True  # generation efficacy (greedy continuations) at every curve point and at the end
@@ -52,6 +54,8 @@ class ManyParams:
             raise UserError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.curve_every < 1:
             raise UserError(f"curve points need at least 1 edit between them (got {self.curve_every})")
+        if self.batch_size is not None and (self.batch_size < 1 or self.method != "memit"):
+            raise UserError(f"a batch size needs --method memit and at least 1 fact (got {self.batch_size})")
 
 
 @dataclass
@@ -256,14 +260,27 @@ def edit_many(
                     curve.point(applied_cases, i + 1, stack.edits)
                 tick(i + 1, len(cases))
         else:
-            t0 = time.perf_counter()
-            batch = memit_batch(lm, [request_of(c) for c in cases], params.rome, params.memit, progress=tick)
-            for edit in batch.edits:
-                stack.apply(edit)
-            applied_cases = [cases[i] for i in batch.kept]
-            skipped = [{"case_id": cases[i].case_id, "reason": why} for i, why in batch.skipped]
-            edit_seconds = time.perf_counter() - t0
-            curve.point(applied_cases, len(cases), stack.edits)
+            size = params.batch_size or len(cases)
+            for start in range(0, len(cases), size):
+                chunk = cases[start : start + size]
+                t0 = time.perf_counter()
+                batch = memit_batch(
+                    lm,
+                    [request_of(c) for c in chunk],
+                    params.rome,
+                    params.memit,
+                    progress=None if size < len(cases) else tick,
+                )
+                for edit in batch.edits:
+                    stack.apply(edit)
+                applied_cases += [chunk[i] for i in batch.kept]
+                skipped += [{"case_id": chunk[i].case_id, "reason": why} for i, why in batch.skipped]
+                edit_seconds += time.perf_counter() - t0
+                seen = start + len(chunk)
+                if seen // params.curve_every > start // params.curve_every or seen == len(cases):
+                    curve.point(applied_cases, seen, stack.edits)
+                if size < len(cases):
+                    tick(seen, len(cases))
         final = score_cases(lm, applied_cases).means()
         gen = generation_efficacy(lm, applied_cases) if params.text_scores else math.nan
         flu = fluency(lm, cases, params.fluency_tokens, params.seed)

@@ -166,12 +166,19 @@ if comparison is not None and comparison["edit_id"] in {e.id for e in session_ed
                 if other is not None:
                     st.caption(f"names {request.target_new!r}: {'yes' if names else 'no'}")
     summary = text_summary(before, after)
-    a, b, c = st.columns(3)
-    (k, n), (kb, nb) = summary["efficacy"], summary["bleed"]
+    a, r, b, c = st.columns(4)
+    (k, n), (kr, nr), (kb, nb) = summary["efficacy"], summary["rewrite"], summary["bleed"]
     a.metric(
         "Generation efficacy (text)",
         f"{k}/{n}" if n else "-",
         help=f"Generation prompts and paraphrase checks whose greedy text names {request.target_new!r} after the edit.",
+    )
+    r.metric(
+        "Rewritten (text)",
+        f"{kr}/{nr}" if nr else "-",
+        help=f"Of the generation prompts and paraphrase checks whose text named {request.target_true!r} before the "
+        f"edit, those whose text names {request.target_new!r} after it: the edit shows where the model writes "
+        "the fact at all.",
     )
     b.metric(
         "Bleed (text)",

@@ -261,6 +261,8 @@ def test_fact_editor_edit_undo_isolation_export_import_and_trace_again(lm):
     assert of == 3 + 2 and named >= 3  # generation prompts + paraphrase checks whose text names Rome
     bled, neighbours = map(int, text_scores["Bleed (text)"].split("/"))
     assert neighbours == 2 and bled == 0
+    rewritten, wrote = map(int, text_scores["Rewritten (text)"].split("/"))
+    assert wrote >= 1 and 1 <= rewritten <= wrote  # "...is located in" wrote Paris before the edit, Rome after
     assert float(p_new_after) > 0.5 > float(p_true_after) and float(p_true_before) > float(p_new_before)
     texts = [c.value for c in a.code]
     assert texts[0].startswith("The Eiffel Tower is located in") and "Paris" in texts[0]  # before
@@ -377,3 +379,25 @@ def test_fact_editor_layer_sweep_draws_the_layers_and_leaves_the_model(lm):
     assert any("MLP effect at the subject's last token" in spec for spec in chart_specs(at))
     for name, p in lm.model.named_parameters():  # the sweep's edits were all undone
         assert torch.equal(p, weights[name]), name
+
+
+def test_text_summary_counts_rewrites_where_the_text_named_the_old_fact():
+    """The editor's text metrics from hand-made measures: efficacy over generation prompts + paraphrase
+    checks, rewrite over those whose 'before' text named the true object, bleed over neighbourhood checks."""
+
+    def check(kind, new, true):
+        return {"check": kind, "prompt": "", "p_new": 0.0, "p_true": 0.0, "text": "", "names_new": new,
+                "names_true": true}  # fmt: skip
+
+    before = common.Measures(
+        0.0, 1.0, ["", ""], [False, False], [True, False],
+        [check("paraphrase", False, True), check("neighbourhood", False, True), check("neighbourhood", True, False)],
+    )  # fmt: skip
+    after = common.Measures(
+        1.0, 0.0, ["", ""], [True, True], [False, False],
+        [check("paraphrase", False, False), check("neighbourhood", True, False), check("neighbourhood", True, False)],
+    )  # fmt: skip
+    summary = common.text_summary(before, after)
+    assert summary["efficacy"] == (2, 3)  # both generations, not the paraphrase
+    assert summary["rewrite"] == (1, 2)  # generation 1 (Paris -> Rome) yes; the paraphrase named Paris, not Rome now
+    assert summary["bleed"] == (1, 2)  # the second neighbour named the new object before already

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from core import evaluation
 from core.counterfact import PROJECT_FILE, load_counterfact, parse_cases
 from core.edits import EditRequest
 from core.errors import UserError
@@ -22,6 +23,7 @@ from core.evaluation import (
     names_object,
     ngram_entropy,
 )
+from core.memit import MemitParams
 from core.rome import RomeHyperParams
 
 SMALL = Path(__file__).parent / "data" / "counterfact_small.json"
@@ -120,10 +122,32 @@ def test_text_scores_read_the_continuations(tiny):
             names_object(a, case.target_new) and not names_object(b, case.target_new) for a, b in zip(after, before)
         ]
         assert r.generation_bleed == pytest.approx(sum(newly) / len(newly))
+        own_before = r.texts["generation_before"] + r.texts["paraphrase_before"]
+        assert own_before == continuations(tiny, [*case.generation_prompts, *case.paraphrase_prompts], 4)
+        wrote = [names_object(a, case.target_new) for a, b in zip(own, own_before) if names_object(b, case.target_true)]
+        assert (r.generation_rewritten, r.generation_written_before) == (sum(wrote), len(wrote))
     assert result.generation_efficacy == pytest.approx(sum(r.generation_efficacy for r in result.cases) / 2)
     assert result.generation_bleed == pytest.approx(sum(r.generation_bleed for r in result.cases) / 2)
     none = evaluate(tiny, cases, "none", fluency_tokens=0, text_tokens=4)
     assert none.generation_bleed == 0.0  # the unedited model's texts are its own 'before'
+
+
+def test_text_scores_count_rewrites_only_where_the_unedited_text_named_the_fact(monkeypatch):
+    """Hand-made texts: efficacy, keeps-true, bleed and the rewrite count (of the own prompts whose unedited
+    text names the true object, those naming the new one after), and the pooled share over cases."""
+    after = {"a": " in Rome.", "b": " in Paris, France", "c": " in Rome", "n": " Rome and Paris"}
+    before = {"a": " in Paris.", "b": " Paris!", "c": " in London", "n": " Paris"}
+    monkeypatch.setattr(evaluation, "continuations", lambda lm, prompts, tokens=20: [after[p] for p in prompts])
+    monkeypatch.setattr(
+        evaluation, "unedited_continuations", lambda lm, prompts, tokens=20: [before[p] for p in prompts]
+    )
+    scores = evaluation.text_scores(None, "Rome", "Paris", ["a", "b", "c"], ["n"])
+    assert scores.efficacy == pytest.approx(2 / 3) and scores.keeps_true == pytest.approx(1 / 3)
+    assert scores.bleed == 1.0
+    assert (scores.rewritten, scores.written_before) == (1, 2)  # "a" rewritten, "b" not, "c" never named Paris
+    assert scores.texts["prompts_before"] == [before[p] for p in "abc"]
+    assert evaluation.pooled_share([1, 0, None, 3], [2, 0, None, 3]) == pytest.approx(4 / 5)
+    assert evaluation.pooled_share([0, None], [0, None]) is None
 
 
 def test_ft_respects_the_norm_constraint_and_restores(tiny):
@@ -143,11 +167,12 @@ def saved_view(lm, saved, layer):
     return w.T if lm.arch.mlp_out_conv1d else w
 
 
-@pytest.mark.parametrize("method", ["none", "rome", "ft"])
+@pytest.mark.parametrize("method", ["none", "rome", "memit", "ft"])
 def test_evaluate_methods_on_a_tiny_model(tiny, method):
     saved = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
     cases = load_counterfact(SMALL, limit=2)
-    result = evaluate(tiny, cases, method, rome=TINY, ft=FTHyperParams(layer=1, steps=3), fluency_tokens=5)
+    memit = MemitParams(layers=(1, 2), mom2_weight=10.0)
+    result = evaluate(tiny, cases, method, rome=TINY, ft=FTHyperParams(layer=1, steps=3), fluency_tokens=5, memit=memit)
     assert result.n + result.skipped == 2
     done = [c for c in result.cases if c.skipped is None]
     for name in ("efficacy", "paraphrase", "neighborhood"):  # each score is the mean of the cases' scores
@@ -161,7 +186,7 @@ def test_evaluate_methods_on_a_tiny_model(tiny, method):
 
 def test_unknown_method(tiny):
     with pytest.raises(UserError, match="unknown method"):
-        evaluate(tiny, load_counterfact(SMALL, limit=1), "memit")
+        evaluate(tiny, load_counterfact(SMALL, limit=1), "mend")
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ on tiny models of every family (scores, curve, bitwise restore), and the `edit-m
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,10 +16,10 @@ from core.counterfact import PROJECT_FILE, load_counterfact
 from core.covariance import key_statistics
 from core.edits import EditRequest, applied
 from core.errors import UserError
-from core.many import ManyParams, edit_many, score_cases, update_norm
-from core.memit import MemitParams
+from core.many import ManyParams, edit_many, request_of, score_cases, update_norm
+from core.memit import MemitParams, memit_batch, site_states
 from core.requests import read_requests
-from core.rome import RomeHyperParams
+from core.rome import RomeHyperParams, compute_key, context_texts, edit_rows, record_rows, validate_request
 from core.saving import save_edited_model
 
 TINY = RomeHyperParams(layer=1, context_lengths=((4, 2),), stats_tokens=512, steps=3)
@@ -106,6 +107,30 @@ def test_edit_many_on_tiny_models(tiny, cases, method):
     assert all(p.generation_efficacy is not None for p in result.curve)
 
 
+def test_memit_in_batches_one_after_another(tiny, cases):
+    """Batches of 1: each fact's MEMIT update is computed on the model carrying the earlier ones (curve points
+    every 2 facts); a batch as large as the set is the one-batch run. A batch size needs memit."""
+    memit = MemitParams(layers=(1, 2), mom2_weight=10.0)
+    one = ManyParams(method="memit", rome=TINY, fluency_tokens=0, text_scores=False, memit=memit, curve_every=2)
+    result, edits = edit_many(tiny, cases, replace(one, batch_size=1))
+    assert result.skipped == 0 and [p.cases for p in result.curve] == [2, 4] and len(edits) == 2 * len(cases)
+
+    def same(a, b):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert x.layer == y.layer
+            torch.testing.assert_close(x.delta(), y.delta(), atol=1e-6, rtol=1e-5)
+
+    same(edits[:2], memit_batch(tiny, [request_of(cases[0])], TINY, memit).edits)  # on the clean model
+    with applied(tiny, edits[:2]):  # the second on the model carrying the first
+        same(edits[2:4], memit_batch(tiny, [request_of(cases[1])], TINY, memit).edits)
+    _, whole = edit_many(tiny, cases, one)
+    _, all_in_one = edit_many(tiny, cases, replace(one, batch_size=len(cases)))
+    same(all_in_one, whole)
+    with pytest.raises(UserError, match="batch size"):
+        edit_many(tiny, cases, ManyParams(method="rome", rome=TINY, batch_size=2))
+
+
 def test_memit_update_is_the_least_squares_solution(tiny, cases):
     """Each layer's summed edits equal R K^T (lambda C + K K^T)^-1 with the batch's own keys and residuals."""
     params = ManyParams(method="memit", rome=TINY, fluency_tokens=0, memit=MemitParams(layers=(1, 2), mom2_weight=10.0))
@@ -118,6 +143,20 @@ def test_memit_update_is_the_least_squares_solution(tiny, cases):
         naive = residual.T @ keys @ torch.linalg.inv(10.0 * c + keys.T @ keys)
         summed = sum(e.delta().double() for e in mine)
         torch.testing.assert_close(summed, naive, atol=1e-4, rtol=1e-3)
+
+
+def test_site_states_equal_the_per_request_keys_and_states(tiny, cases):
+    """MEMIT's one batched pass gives, per request, ROME's k* at the layer and the mean block output at the
+    last layer at the key token, as a pass over that request's rows alone does."""
+    requests = [validate_request(tiny, request_of(c)) for c in cases[:3]]
+    keys, states = site_states(tiny, requests, 1, 2, TINY, batch=2)  # batch=2: groups split over forwards
+    contexts = context_texts(tiny, TINY.context_lengths, TINY.seed)
+    for request, key, state in zip(requests, keys, states):
+        torch.testing.assert_close(key, compute_key(tiny, request, 1, TINY), atol=1e-5, rtol=1e-5)
+        rows = edit_rows(tiny, request, contexts)
+        recording = record_rows(tiny, rows, 2)
+        expected = torch.stack([recording.hidden[i][0] for i, row in enumerate(rows) if not row.kl]).mean(0)
+        torch.testing.assert_close(state, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_edit_many_command(tiny, tmp_path, capsys):

@@ -499,14 +499,15 @@ def run_aie(
 @dataclass
 class Measures:
     """What the editor shows for one state of the model (before or after an edit): the request's
-    probabilities, the greedy text of each generation prompt and whether it names the new object, and each
-    check's probabilities and greedy continuation."""
+    probabilities, the greedy text of each generation prompt and whether it names the new and the true
+    object, and each check's probabilities and greedy continuation."""
 
     p_new: float
     p_true: float
     generations: list[str]  # prompt + continuation
     generation_names_new: list[bool]
-    checks: list[dict]  # {"check", "prompt", "p_new", "p_true", "text", "names_new"}
+    generation_names_true: list[bool]
+    checks: list[dict]  # {"check", "prompt", "p_new", "p_true", "text", "names_new", "names_true"}
 
 
 def measure(
@@ -535,6 +536,7 @@ def measure(
             "p_true": float(true[i + 1]),
             "text": texts[len(gens) + i],
             "names_new": names_object(texts[len(gens) + i], request.target_new),
+            "names_true": names_object(texts[len(gens) + i], request.target_true),
         }
         for i, (check, prompt) in enumerate(checks)
     ]
@@ -543,18 +545,25 @@ def measure(
         float(true[0]),
         [p + t for p, t in zip(gens, texts)],
         [names_object(t, request.target_new) for t in texts[: len(gens)]],
+        [names_object(t, request.target_true) for t in texts[: len(gens)]],
         rows,
     )
 
 
 def text_summary(before: Measures, after: Measures) -> dict[str, tuple[int, int]]:
     """(count, of) for the text-level scores of the checks the user typed: the generation prompts and
-    paraphrase checks whose text names the new object after the edit (generation efficacy), and the
-    neighbourhood checks whose text names it after but not before (bleed)."""
-    own = after.generation_names_new + [c["names_new"] for c in after.checks if c["check"] == "paraphrase"]
+    paraphrase checks whose text names the new object after the edit (generation efficacy); of those whose
+    text named the true object before, how many name the new one after (rewrite); and the neighbourhood
+    checks whose text names it after but not before (bleed)."""
+
+    def own(m: Measures, key: str) -> list[bool]:
+        return getattr(m, f"generation_{key}") + [c[key] for c in m.checks if c["check"] == "paraphrase"]
+
+    rewritten = [new for new, true in zip(own(after, "names_new"), own(before, "names_true")) if true]
     pairs = [(b, a) for b, a in zip(before.checks, after.checks) if a["check"] == "neighbourhood"]
     return {
-        "efficacy": (sum(own), len(own)),
+        "efficacy": (sum(own(after, "names_new")), len(own(after, "names_new"))),
+        "rewrite": (sum(rewritten), len(rewritten)),
         "bleed": (sum(a["names_new"] and not b["names_new"] for b, a in pairs), len(pairs)),
     }
 

@@ -1,6 +1,6 @@
-"""`python -m core evaluate`: CounterFact metrics for none / rome / ft: the teacher-forced ES, PS, NS, score,
-fluency, and what the model writes (generation efficacy, bleed, keeps-true over greedy continuations; the texts
-are in the JSON per case)."""
+"""`python -m core evaluate`: CounterFact metrics for none / rome / memit / ft: the teacher-forced ES, PS, NS,
+score, fluency, and what the model writes (generation efficacy and rewrite, bleed, keeps-true over greedy
+continuations; the texts are in the JSON per case)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ def register(subparsers, add_common_options) -> None:
     )
     parser.add_argument("--method", choices=METHODS, default="rome")
     parser.add_argument("--limit", type=positive_int, default=None, help="only the first N cases")
-    parser.add_argument("--layer", type=int, default=None, help="edit layer (default: the model's default)")
+    parser.add_argument(
+        "--layer", type=int, default=None, help="edit layer of rome / ft (default: the model's; memit: its layers)"
+    )
     parser.add_argument("--key-token", choices=KEY_TOKENS, default=RomeHyperParams.key_token)
     parser.add_argument("--corpus", choices=CORPORA, default=DEFAULT_CORPUS, help="covariance statistics corpus")
     parser.add_argument("--stats-tokens", type=positive_int, default=DEFAULT_TOKENS)
@@ -71,7 +73,8 @@ def run(args: argparse.Namespace) -> dict:
     print(
         f"{args.method}: n={result.n} (skipped {result.skipped})  ES {result.efficacy:.3f}  "
         f"PS {result.paraphrase:.3f}  NS {result.neighborhood:.3f}  S {result.score:.3f}  "
-        f"generation efficacy {shown(result.generation_efficacy)}  bleed {shown(result.generation_bleed)}  "
+        f"generation efficacy {shown(result.generation_efficacy)} (where the unedited text names the fact: "
+        f"{shown(result.generation_rewrite)})  bleed {shown(result.generation_bleed)}  "
         f"fluency {shown(result.fluency)}  ({result.seconds:.0f} s)"
     )
     out = result.to_json()

@@ -4,7 +4,10 @@ batch), scored over all edits after every k of them; optionally save the edited 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 from core.alphaedit import AlphaEditParams
 from core.commands.common import load, positive_int
@@ -13,7 +16,7 @@ from core.counterfact import PROJECT_FILE, load_counterfact
 from core.edits import export_edits
 from core.errors import UserError
 from core.jsonfile import read_json
-from core.many import METHODS, CurvePoint, ManyParams, cases_from_requests, edit_many
+from core.many import METHODS, SEQUENTIAL, CurvePoint, ManyParams, cases_from_requests, edit_many
 from core.requests import read_requests
 from core.rome import RomeHyperParams
 from core.saving import check_save_folder, save_edited_model
@@ -30,6 +33,12 @@ def register(subparsers, add_common_options) -> None:
     parser.add_argument("--limit", type=positive_int, default=None, help="only the first N cases")
     parser.add_argument("--layer", type=int, default=None, help="edit layer of rome/alphaedit (default: the model's)")
     parser.add_argument("--curve-every", type=positive_int, default=10, help="a curve point after every N edits")
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="memit: batches of N facts, each computed on the model carrying the earlier ones (default: one batch)",
+    )
     parser.add_argument(
         "--fluency-tokens", type=int, default=40, help="tokens sampled per generation prompt (0: no fluency)"
     )
@@ -57,23 +66,26 @@ def run(args: argparse.Namespace) -> dict:
         cases = cases_from_requests(lm, requests)
     params = ManyParams(
         method=args.method,
-        rome=RomeHyperParams(layer=args.layer),
+        rome=RomeHyperParams(layer=args.layer) if args.method in SEQUENTIAL else None,
         alphaedit=AlphaEditParams(null_threshold=args.null_threshold, l2=args.l2),
         curve_every=args.curve_every,
+        batch_size=args.batch_size,
         fluency_tokens=max(0, args.fluency_tokens),
     )
-    params.rome.check(lm)
+    if params.rome:
+        params.rome.check(lm)
     header = f"{'edits':>6} {'ES':>6} {'PS':>6} {'NS':>6} {'GE':>6} {'fluency':>8} {'norm':>8} {'s':>6}"
     print(header, flush=True)
 
     def show(p: CurvePoint) -> None:
         flu = "-" if p.fluency is None else f"{p.fluency:.3f}"
         gen = "-" if p.generation_efficacy is None else f"{p.generation_efficacy:.3f}"
-        print(
+        tqdm.write(  # on a line of its own, under the progress bar
             f"{p.edits:>6} {p.efficacy:>6.3f} {p.paraphrase:>6.3f} {p.neighborhood:>6.3f} {gen:>6} {flu:>8} "
             f"{p.update_norm:>8.2f} {p.seconds:>6.0f}",
-            flush=True,
+            file=sys.stdout,
         )
+        sys.stdout.flush()
 
     with progress_bar(f"edit-many {args.method}") as progress:
         result, edits = edit_many(lm, cases, params, progress=progress, on_point=show)
