@@ -101,5 +101,6 @@ def run(args: argparse.Namespace) -> dict:
     if args.save:
         print(f"edited model saved to {args.save}")
     out = result.to_json()
-    out.update({"model": lm.name, "data": args.data, "saved": args.save, "exported": args.export})
+    saved = {"saved": args.save, "exported": args.export}
+    out.update({"model": lm.name, "data": args.data, "batch_size": args.batch_size, **saved})
     return out
