@@ -75,8 +75,9 @@ def site_states(
     contexts = context_texts(lm, hp.context_lengths, hp.seed)
     rows: list[tuple[int, tuple[int, ...], int, int]] = []  # (request, ids, key position, state position)
     for i, request in enumerate(requests):
-        at_key = edit_rows(lm, request, contexts, key_offset(lm, request, layer, hp.key_token))
-        at_state = edit_rows(lm, request, contexts, key_offset(lm, request, last, hp.key_token))
+        key_at, state_at = (key_offset(lm, request, n, hp.key_token) for n in (layer, last))
+        at_key = edit_rows(lm, request, contexts, key_at)
+        at_state = at_key if state_at == key_at else edit_rows(lm, request, contexts, state_at)
         rows += [(i, a.ids, a.key_position, b.key_position) for a, b in zip(at_key, at_state) if not a.kl]
     groups: dict[int, list[int]] = {}
     for j, row in enumerate(rows):
