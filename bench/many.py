@@ -10,7 +10,8 @@ measured). `curve` builds sequential edits from data/known_facts.json (each fact
 next different object of the same relation; neighbourhood prompts: other facts of the relation with the same
 true object) and prints the curve of ROME and AlphaEdit: efficacy of all edits so far, neighbourhood,
 fluency, norm of the accumulated update. The file has 409 facts: `--limit` above that cycles through them
-again with the object after that (re-editing edited facts).
+again with the object after that (re-editing edited facts). `--time-budget S`: each method stops starting
+edits after S seconds and is measured over the cases it saw.
 """
 
 from __future__ import annotations
@@ -111,6 +112,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10, help="a curve point after every N edits")
     parser.add_argument("--methods", default=None, help="comma-separated (default: all of the mode)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds per method (core.many)")
     parser.add_argument("--json", dest="json_out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -122,7 +125,7 @@ def main() -> None:
         print_table(list(results.values()))
         print_curves(results)
         return
-    lm = load_model(device="cpu")
+    lm = load_model(device=args.device)
     if args.mode == "replay":
         cases = load_counterfact(PROJECT_FILE, args.limit)
         edits = import_edits(args.files[0], lm)
@@ -142,13 +145,13 @@ def main() -> None:
         methods = (args.methods or "rome,alphaedit").split(",")
     results = {}
     for method in methods:
-        params = ManyParams(method=method, curve_every=args.every)
+        params = ManyParams(method=method, curve_every=args.every, time_budget=args.time_budget)
         result, _ = edit_many(lm, cases, params, on_point=lambda p, m=method: print(m, p, flush=True))
         results[method] = to_jsonable(result.to_json())
+        if args.json_out:  # after each method, so a stopped run keeps the finished ones
+            Path(args.json_out).write_text(json.dumps(results, indent=1) + "\n")
     print_table(list(results.values()))
     print_curves(results)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ does in the app. After every `curve_every` edits, the scores over *all* edits so
 neighbourhood; core.evaluation's definitions), fluency on a fixed sample of generation prompts and the norm
 of the accumulated update make one point of the `curve`. At the end every score is measured over all
 edits, fluency over every case's generation prompts, next to the unedited model's fluency on the same
-prompts and seeds.
+prompts and seeds. With a `time_budget`, no edit (or batch) starts after that many seconds: the result covers
+the cases seen by then (`cases`), with a last curve point there, fluency on their prompts only.
 
 The model is left as it was (bitwise); the edits come back in the result, ready for core.saving or export.
 """
@@ -48,6 +49,7 @@ class ManyParams:
     fluency_tokens: int = 40  # tokens sampled per generation prompt (0: no fluency)
     text_scores: bool = True  # generation efficacy (greedy continuations) at every curve point and at the end
     seed: int = 0
+    time_budget: float | None = None  # seconds: start no edit (or batch) after this; the rest are not seen
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -56,6 +58,8 @@ class ManyParams:
             raise UserError(f"curve points need at least 1 edit between them (got {self.curve_every})")
         if self.batch_size is not None and (self.batch_size < 1 or self.method != "memit"):
             raise UserError(f"a batch size needs --method memit and at least 1 fact (got {self.batch_size})")
+        if self.time_budget is not None and self.time_budget < 0:
+            raise UserError(f"a time budget is a number of seconds, 0 or more (got {self.time_budget})")
 
 
 @dataclass
@@ -88,6 +92,7 @@ class ManyResult:
     method: str
     n: int  # edits applied
     skipped: int
+    cases: int  # cases seen: all of them, unless the time budget ran out first
     efficacy: float
     paraphrase: float
     neighborhood: float
@@ -215,6 +220,11 @@ class _Curve:
             self.report(point)
         return point
 
+    def last_point(self, applied_cases: Sequence[CounterFactCase], seen: int, edits: Sequence[Edit]) -> None:
+        """A point at `seen` cases unless the curve already ends there (the run stops early)."""
+        if not self.points or self.points[-1].cases != seen:
+            self.point(applied_cases, seen, edits)
+
 
 def edit_many(
     lm: LoadedModel,
@@ -238,10 +248,18 @@ def edit_many(
     skipped: list[dict] = []
     edit_seconds = 0.0
     tick = progress or (lambda done, total: None)
+    seen = 0
+
+    def out_of_time() -> bool:
+        return params.time_budget is not None and time.perf_counter() - started > params.time_budget
+
     try:
         if params.method in SEQUENTIAL:
             editor = AlphaEditor(lm, params.rome, params.alphaedit) if params.method == "alphaedit" else None
             for i, case in enumerate(cases):
+                if i and out_of_time():
+                    curve.last_point(applied_cases, seen, stack.edits)
+                    break
                 t0 = time.perf_counter()
                 try:
                     edit = (
@@ -256,12 +274,16 @@ def edit_many(
                         editor.remember(edit)
                     applied_cases.append(case)
                 edit_seconds += time.perf_counter() - t0
-                if (i + 1) % params.curve_every == 0 or i + 1 == len(cases):
-                    curve.point(applied_cases, i + 1, stack.edits)
-                tick(i + 1, len(cases))
+                seen = i + 1
+                if seen % params.curve_every == 0 or seen == len(cases):
+                    curve.point(applied_cases, seen, stack.edits)
+                tick(seen, len(cases))
         else:
             size = params.batch_size or len(cases)
             for start in range(0, len(cases), size):
+                if start and out_of_time():
+                    curve.last_point(applied_cases, seen, stack.edits)
+                    break
                 chunk = cases[start : start + size]
                 t0 = time.perf_counter()
                 batch = memit_batch(
@@ -283,14 +305,17 @@ def edit_many(
                     tick(seen, len(cases))
         final = score_cases(lm, applied_cases).means()
         gen = generation_efficacy(lm, applied_cases) if params.text_scores else math.nan
-        flu = fluency(lm, cases, params.fluency_tokens, params.seed)
+        flu = fluency(lm, cases[:seen], params.fluency_tokens, params.seed)
         edits = list(stack.edits)
     finally:
         stack.undo_all()
+    if seen < len(cases):  # the unedited model's fluency on the same prompts as the edited one's
+        flu_unedited = fluency(lm, cases[:seen], params.fluency_tokens, params.seed)
     result = ManyResult(
         method=params.method,
         n=len(applied_cases),
         skipped=len(skipped),
+        cases=seen,
         efficacy=final["efficacy"],
         paraphrase=final["paraphrase"],
         neighborhood=final["neighborhood"],

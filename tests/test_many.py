@@ -131,6 +131,26 @@ def test_memit_in_batches_one_after_another(tiny, cases):
         edit_many(tiny, cases, ManyParams(method="rome", rome=TINY, batch_size=2))
 
 
+@pytest.mark.parametrize("method, batch", [("rome", None), ("alphaedit", None), ("memit", 2)])
+def test_time_budget_stops_after_the_edits_started_in_time(tiny, cases, method, batch):
+    """With no time to spare, the first edit (or batch) still runs; the result then equals a run over just the
+    cases seen: same scores, fluency on their prompts (edited and unedited), last curve point at them."""
+    memit = MemitParams(layers=(1, 2), mom2_weight=10.0)
+    params = ManyParams(method=method, rome=TINY, fluency_tokens=5, memit=memit, curve_every=3, batch_size=batch)
+    before = weights(tiny)
+    stopped, edits = edit_many(tiny, cases, replace(params, time_budget=0.0))
+    assert all(torch.equal(p, before[n]) for n, p in tiny.model.named_parameters())
+    seen = batch or 1
+    assert stopped.cases == seen and stopped.n + stopped.skipped == seen < len(cases)
+    assert [p.cases for p in stopped.curve] == [seen]
+    whole, whole_edits = edit_many(tiny, cases[:seen], params)
+    assert whole.cases == seen and len(edits) == len(whole_edits)
+    for key in ("n", "efficacy", "paraphrase", "neighborhood", "generation_efficacy", "fluency", "fluency_unedited"):
+        assert getattr(stopped, key) == pytest.approx(getattr(whole, key), abs=1e-6), key
+    with pytest.raises(UserError, match="time budget"):
+        edit_many(tiny, cases, replace(params, time_budget=-1.0))
+
+
 def test_memit_update_is_the_least_squares_solution(tiny, cases):
     """Each layer's summed edits equal R K^T (lambda C + K K^T)^-1 with the batch's own keys and residuals."""
     params = ManyParams(method="memit", rome=TINY, fluency_tokens=0, memit=MemitParams(layers=(1, 2), mom2_weight=10.0))

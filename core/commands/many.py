@@ -40,6 +40,13 @@ def register(subparsers, add_common_options) -> None:
         help="memit: batches of N facts, each computed on the model carrying the earlier ones (default: one batch)",
     )
     parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="start no edit after this many seconds; measure the cases seen so far (default: no limit)",
+    )
+    parser.add_argument(
         "--fluency-tokens", type=int, default=40, help="tokens sampled per generation prompt (0: no fluency)"
     )
     parser.add_argument("--null-threshold", type=float, default=AlphaEditParams.null_threshold, help="alphaedit")
@@ -71,6 +78,7 @@ def run(args: argparse.Namespace) -> dict:
         curve_every=args.curve_every,
         batch_size=args.batch_size,
         fluency_tokens=max(0, args.fluency_tokens),
+        time_budget=args.time_budget,
     )
     if params.rome:
         params.rome.check(lm)
@@ -95,7 +103,8 @@ def run(args: argparse.Namespace) -> dict:
         save_edited_model(lm, edits, args.save)
     flu = "-" if result.fluency is None else f"{result.fluency:.3f} (unedited {result.fluency_unedited:.3f})"
     print(
-        f"{args.method}: n={result.n} (skipped {result.skipped})  ES {result.efficacy:.3f}  PS {result.paraphrase:.3f}"
+        f"{args.method}: n={result.n} (skipped {result.skipped}; {result.cases} of {len(cases)} cases seen)"
+        f"  ES {result.efficacy:.3f}  PS {result.paraphrase:.3f}"
         f"  NS {result.neighborhood:.3f}  GE {result.generation_efficacy}  fluency {flu}  ({result.seconds:.0f} s)"
     )
     if args.save:
