@@ -36,7 +36,7 @@ from core.counterfact import PROJECT_FILE, load_counterfact
 from core.covariance import DEFAULT_TOKENS, key_statistics
 from core.edit_site import default_layer, measure_layer
 from core.edits import EditRequest
-from core.evaluation import FTHyperParams, evaluate_case, summarise
+from core.evaluation import FTHyperParams, evaluate_case, held_out, summarise
 from core.models import load_model
 from core.rome import PAPER, RomeHyperParams, compute_edit
 
@@ -114,6 +114,8 @@ def ablations(base: RomeHyperParams) -> dict[str, RomeHyperParams]:
         "clamp2": replace(base, clamp_norm_factor=2.0),
         "clamp10": replace(base, clamp_norm_factor=10.0),
         "identity-C": replace(base, stats_corpus="identity"),
+        "preserve0": replace(base, preserve_weight=0.0),
+        "preserve3": replace(base, preserve_weight=3.0),
     }
 
 
@@ -184,6 +186,7 @@ def main() -> None:
     print(
         f"evaluation set {args.data}: {len(cases)} cases, layer {default_layer(lm) if hp.layer is None else hp.layer}"
     )
+    hp = held_out(hp, cases)  # the preserved catalogue never holds the subjects measured
     variants = ablations(hp)
     runs = []
     for name in (n for n in args.runs.split(",") if n and n != "-"):

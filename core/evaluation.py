@@ -30,7 +30,7 @@ import weakref
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -40,9 +40,11 @@ from core.devices import is_offloaded
 from core.edit_site import default_layer
 from core.edits import EditRequest, applied, changed_weights, unedited
 from core.errors import UserError
+from core.facts import DEFAULT_FACTS
 from core.generation import GenerationSettings, generate, generate_ids
 from core.memit import MemitParams, memit_batch
 from core.models import LoadedModel
+from core.preserve import catalogue_without
 from core.progress import Progress
 from core.prompts import target_ids, whole_word_spans
 from core.rome import RomeHyperParams, compute_edit
@@ -420,6 +422,24 @@ def _mean(values: list[float | None]) -> float:
     return float(np.mean(kept)) if kept else math.nan
 
 
+def case_texts(cases: Sequence[CounterFactCase]) -> list[str]:
+    """Every prompt the cases measure with (rewrite, paraphrase, neighbourhood, attribute, generation)."""
+    texts = []
+    for c in cases:
+        texts += [c.prompt.replace("{}", c.subject), *c.paraphrase_prompts, *c.neighborhood_prompts]
+        texts += [*c.attribute_prompts, *c.generation_prompts]
+    return texts
+
+
+def held_out(rome: RomeHyperParams, cases: Sequence[CounterFactCase]) -> RomeHyperParams:
+    """`rome` whose preserved catalogue leaves out every subject the cases' prompts mention (core/preserve.py):
+    a measurement never protects the very keys it measures."""
+    if rome.preserve_weight <= 0:
+        return rome
+    kept = catalogue_without(rome.preserve_facts or DEFAULT_FACTS, case_texts(cases))
+    return replace(rome, preserve_facts=str(kept))
+
+
 def evaluate(
     lm: LoadedModel,
     cases: Sequence[CounterFactCase],
@@ -431,11 +451,14 @@ def evaluate(
     text_tokens: int = TEXT_TOKENS,
     memit: MemitParams | None = None,
 ) -> EvaluationResult:
-    """CounterFact metrics of `method` over `cases` (each edited on the clean model)."""
+    """CounterFact metrics of `method` over `cases` (each edited on the clean model; ROME preserves its
+    catalogue `held_out` from the cases)."""
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     if not cases:
         raise UserError("there are no cases to evaluate")
+    if method == "rome":
+        rome = held_out(rome or RomeHyperParams(), cases)
     started = time.perf_counter()
     results = []
     for i, case in enumerate(cases):

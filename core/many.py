@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from core.alphaedit import AlphaEditor, AlphaEditParams
 from core.counterfact import CounterFactCase
 from core.edits import Edit, EditRequest, EditStack
 from core.errors import UserError
-from core.evaluation import continuations, names_object, ngram_entropy, target_log_probs
+from core.evaluation import continuations, held_out, names_object, ngram_entropy, target_log_probs
 from core.generation import GenerationSettings, generate
 from core.memit import MemitParams, memit_batch
 from core.models import LoadedModel
@@ -240,6 +240,8 @@ def edit_many(
     params.check()
     if not cases:
         raise UserError("there are no cases to edit")
+    if params.method == "rome":  # its catalogue held out from what is measured (core.evaluation.held_out)
+        params = replace(params, rome=held_out(params.rome or RomeHyperParams(), cases))
     started = time.perf_counter()
     flu_unedited = fluency(lm, cases, params.fluency_tokens, params.seed)
     curve = _Curve(lm, cases, params, started, on_point)

@@ -11,6 +11,7 @@ projection W, read as a linear associative memory key -> value.
    logits (core/forward.py).
 4. W' = W + Lambda (C^-1 k*)^T, Lambda = (v* - W k - b) / ((C^-1 k*)^T k), so W' k + b = v* at the key k
    the update is solved at (`solve_at`: the plain prompt's key, as the paper's code, or the mean key k*).
+   With `preserve_weight` > 0, C also counts the keys of a catalogue's other subjects (core/preserve.py).
 
 The steps are functions of their own: `edit_rows` (the prompts), `record_rows` (one clean pass: keys, the
 layer's outputs, what the value optimisation resumes from), `optimise_value` (delta), `rank_one_update`
@@ -32,6 +33,7 @@ import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -39,10 +41,12 @@ from core.covariance import DEFAULT_CORPUS, DEFAULT_TOKENS, KeyStatistics, key_s
 from core.edit_site import KEY_TOKENS, default_layer, key_offset
 from core.edits import Edit, EditRequest, unedited
 from core.errors import UserError
+from core.facts import DEFAULT_FACTS
 from core.forward import LayerKV, PrefixCache, final_logits, record_kv, run_blocks
 from core.generation import GenerationSettings, cache_of, generate_ids
 from core.hooks import Hooks
 from core.models import LoadedModel
+from core.preserve import preserved_moment, subject_keys
 from core.progress import Progress, Step
 from core.prompts import find_subject_chars, subject_span, target_ids
 
@@ -64,7 +68,10 @@ class RomeHyperParams:
       for the Eiffel Tower -> Rome) gives the same teacher-forced scores, but the model does not *write* the
       new fact: "The Eiffel Tower is located in the United States"; after 20 steps: "... located in Rome,
       Italy." The optimiser keeps growing delta after the target is likely, and that margin is what shows in
-      free text."""
+      free text.
+    - the update also keeps the keys of a catalogue's other subjects (preserve_weight 1, core/preserve.py):
+      on the project's 94 cases, with a catalogue holding none of their subjects, NS 0.871 -> 0.928, text bleed
+      0.099 -> 0.074, PS 0.973 -> 0.965, ES 1.000 either way."""
 
     layer: int | None = None  # None: `default_layer(lm)`
     key_token: str = "last"  # "last" subject token (the paper) or "strongest" early MLP effect in the subject
@@ -77,6 +84,8 @@ class RomeHyperParams:
     early_stop: str = "none"  # stop when the target's NLL ("nll"), or the whole loss ("loss", the paper), is
     early_stop_loss: float = 5e-2  # below this; "none": all steps
     solve_at: str = "mean"  # the key the rank-one update is solved at: "mean" k*, or "plain" (the paper)
+    preserve_weight: float = 1.0  # > 0: also keep the outputs of a catalogue's subject keys (core/preserve.py)
+    preserve_facts: str = ""  # that catalogue, a known-facts file ("": data/known_facts.json)
     stats_corpus: str = DEFAULT_CORPUS
     stats_tokens: int = DEFAULT_TOKENS
     seed: int = 0  # context texts
@@ -92,12 +101,16 @@ class RomeHyperParams:
             raise UserError(f"unknown early stop {self.early_stop!r}: use one of {', '.join(EARLY_STOPS)}")
         if self.solve_at not in SOLVE_AT:
             raise UserError(f"unknown solve-at key {self.solve_at!r}: use one of {', '.join(SOLVE_AT)}")
+        if self.preserve_weight < 0:
+            raise UserError(f"the preserve weight is 0 or more (got {self.preserve_weight})")
+        if self.preserve_weight > 0 and self.preserve_facts and not Path(self.preserve_facts).is_file():
+            raise UserError(f"preserve catalogue {self.preserve_facts!r} does not exist")
 
 
 # The published ROME code's settings (GPT-2 XL hparams): 10 context texts of 5 tokens and 10 of 10, 20 steps,
 # lr 0.5, weight decay 0.5, clamp 4, KL 0.0625, stop when the whole loss < 5e-2, key = last subject token,
-# the update solved at the plain prompt's key (u = C^-1 k* from the mean key).
-PAPER = RomeHyperParams(context_lengths=((5, 10), (10, 10)), early_stop="loss", solve_at="plain")
+# the update solved at the plain prompt's key (u = C^-1 k* from the mean key), no preserved subjects.
+PAPER = RomeHyperParams(context_lengths=((5, 10), (10, 10)), early_stop="loss", solve_at="plain", preserve_weight=0.0)
 
 
 # --- context texts -----------------------------------------------------------------------------------------
@@ -535,6 +548,9 @@ def _edit(
 ) -> Edit:
     """compute_edit's steps once the statistics are there (see compute_edit)."""
     edit_start = time.perf_counter()
+    if hp.preserve_weight > 0:
+        keys = subject_keys(lm, layer, hp.preserve_facts or DEFAULT_FACTS)
+        stats = replace(stats, mom2=preserved_moment(stats.mom2, keys, request.subject, hp.preserve_weight))
     offset = key_offset(lm, request, layer, hp.key_token)
     rows = edit_rows(lm, request, context_texts(lm, hp.context_lengths, hp.seed), offset)
     solved = solve_rows(lm, rows, target_ids(lm.tokenizer, request.target_new), layer, stats, hp, tick)

@@ -53,7 +53,7 @@ with st.form("edit_form"):
     prompt = c1.text_input("Prompt with {} for the subject", "{} is located in the city of", key="edit_prompt")
     subject = c2.text_input("Subject", "The Eiffel Tower", key="edit_subject")
     target = c3.text_input("New object", "Rome", key="edit_target")
-    c1, c2, c3 = st.columns(3)
+    c1, c2, c3, c4 = st.columns(4)
     layer = c1.number_input(
         f"Layer (default {layer_default})",
         0,
@@ -82,6 +82,18 @@ with st.form("edit_form"):
         key="edit_stats_tokens",
         help="Corpus positions for the key covariance C (computed once per layer and size, then cached on disk).",
     )
+    preserve = c4.number_input(
+        "Preserve known subjects",
+        0.0,
+        100.0,
+        RomeHyperParams.preserve_weight,
+        step=0.5,
+        key="edit_preserve",
+        help=(
+            "Weight of other subjects' keys (data/known_facts.json) in the update's covariance: the edit moves "
+            "similar subjects less. 0 is plain ROME."
+        ),
+    )
     c1, c2, c3 = st.columns(3)
     generation_prompts = c1.text_area(
         "Generation prompts (one per line)",
@@ -106,7 +118,9 @@ with st.form("edit_form"):
 if submitted:
     edits = session_edits(lm)
     try:
-        hp = RomeHyperParams(layer=int(layer), steps=int(steps), stats_tokens=int(stats_tokens))
+        hp = RomeHyperParams(
+            layer=int(layer), steps=int(steps), stats_tokens=int(stats_tokens), preserve_weight=float(preserve)
+        )
         hp.check(lm)
         with applied(lm, edits):
             request = validate_request(lm, EditRequest(prompt, subject, target))
@@ -291,7 +305,7 @@ if c2.button("Run the sweep", key="sweep_run"):
             layers,
             paraphrases=lines(paraphrases),
             neighbors=lines(neighbours),
-            hparams=RomeHyperParams(steps=int(steps), stats_tokens=int(stats_tokens)),
+            hparams=RomeHyperParams(steps=int(steps), stats_tokens=int(stats_tokens), preserve_weight=float(preserve)),
             progress=bar_progress(bar, "layers edited"),
             step=session_step(lm, f"a layer sweep of {prompt.replace('{}', subject)!r}"),
         )

@@ -28,6 +28,11 @@ def run_cli(args, capsys):
         (["trace", "--prompt", "a b", "--subject", "a", "--noise", "nan"], "finite"),
         (["aie", "--facts", "/no/such/facts.json"], "does not exist"),
         (["trace", "--prompt", "a b", "--subject", "a", "--device", "cpu", "--tf32"], "CUDA option"),
+        (["edit", "--prompt", "{} is in", "--subject", "Rome", "--target", "Paris", "--preserve-weight", "-1"], ">= 0"),
+        (
+            ["evaluate", "--limit", "1", "--preserve-facts", "/no/such/catalogue.json"],
+            "preserve catalogue '/no/such/catalogue.json' does not exist",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(args, message, capsys):

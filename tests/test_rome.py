@@ -16,8 +16,10 @@ from core.rome import PAPER, RomeHyperParams, compute_edit, context_texts, rank_
 
 # small and quick on tiny models: few context texts, a small corpus, the paper's optimiser otherwise
 # (random tiny models cannot be taught a fact: their MLP outputs and unembedding are too small for the
-# subject's state to reach the answer; they test the mechanics, the embedded model the behaviour)
-TINY = RomeHyperParams(layer=1, context_lengths=((4, 2),), stats_tokens=512, steps=5)
+# subject's state to reach the answer; they test the mechanics, the embedded model the behaviour). The update
+# is the paper's, u = C^-1 k*: tests/test_preserve.py tests the preserved-subjects update (random models' subject
+# keys mean nothing, and weighting them can make a second edit reach the first one's key more, as on gpt2).
+TINY = RomeHyperParams(layer=1, context_lengths=((4, 2),), stats_tokens=512, steps=5, preserve_weight=0.0)
 REQUEST = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")
 OTHER = EditRequest("The capital of {} is", "Germany", "Madrid")
 

@@ -1,5 +1,5 @@
 """What every command shares: the --model/--json/--device/--device-map/--tf32 options, model loading, JSON
-output."""
+output; the ROME options several commands share (--preserve-weight/--preserve-facts)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from core.devices import DEVICE_MAP_NAMES, DeviceMap, parse_device_map
 from core.errors import UserError
 from core.models import EMBEDDED_MODEL, LoadedModel, load_model
 from core.precision import allow_tf32
+from core.rome import RomeHyperParams
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +35,36 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tf32", action="store_true", help="CUDA: TF32 matrix products (faster; tables differ slightly, bench/gpu.py)"
     )
+
+
+def add_preserve_options(parser: argparse.ArgumentParser) -> None:
+    """ROME's preserved subject keys (core/preserve.py), for the commands that make ROME edits."""
+    parser.add_argument(
+        "--preserve-weight",
+        type=non_negative_float,
+        default=RomeHyperParams.preserve_weight,
+        help="weight of the catalogue's subject keys in the update's covariance (0: plain ROME)",
+    )
+    parser.add_argument(
+        "--preserve-facts",
+        default="",
+        metavar="FILE",
+        help="the catalogue: a known-facts JSON file (default: data/known_facts.json)",
+    )
+
+
+def rome_settings(args: argparse.Namespace, lm: LoadedModel) -> RomeHyperParams:
+    """ROME's settings from --layer, --key-token, --corpus, --stats-tokens and the preserve options, checked."""
+    hp = RomeHyperParams(
+        layer=args.layer,
+        key_token=args.key_token,
+        stats_corpus=args.corpus,
+        stats_tokens=args.stats_tokens,
+        preserve_weight=args.preserve_weight,
+        preserve_facts=args.preserve_facts,
+    )
+    hp.check(lm)
+    return hp
 
 
 def load(args: argparse.Namespace) -> LoadedModel:

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from core.commands.common import load, output_file, positive_int
+from core.commands.common import add_preserve_options, load, output_file, positive_int, rome_settings
 from core.commands.progress import progress_bar
 from core.covariance import CORPORA, DEFAULT_CORPUS, DEFAULT_TOKENS, statistics_cached, statistics_seconds
 from core.edit_site import KEY_TOKENS, default_layer
@@ -41,6 +41,7 @@ def register(subparsers, add_common_options) -> None:
         "--export", metavar="FILE", type=output_file, help="also write the edit (safetensors + JSON metadata)"
     )
     parser.add_argument("--save", metavar="DIR", help="also save the edited model as a Hugging Face folder")
+    add_preserve_options(parser)
     add_common_options(parser)
     parser.set_defaults(run=run)
 
@@ -48,10 +49,7 @@ def register(subparsers, add_common_options) -> None:
 def run(args: argparse.Namespace) -> dict:
     lm = load(args)
     request = EditRequest(args.prompt, args.subject, args.target)
-    hp = RomeHyperParams(
-        layer=args.layer, key_token=args.key_token, stats_corpus=args.corpus, stats_tokens=args.stats_tokens
-    )
-    hp.check(lm)
+    hp = rome_settings(args, lm)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, sample=args.sample, seed=args.seed)
     settings.check()
     request = validate_request(lm, request)  # before any work: bad input never half-edits

@@ -8,7 +8,7 @@ import argparse
 
 from tqdm import tqdm
 
-from core.commands.common import load, positive_int
+from core.commands.common import add_preserve_options, load, positive_int, rome_settings
 from core.counterfact import PROJECT_FILE, load_counterfact
 from core.covariance import CORPORA, DEFAULT_CORPUS, DEFAULT_TOKENS
 from core.edit_site import KEY_TOKENS
@@ -38,6 +38,7 @@ def register(subparsers, add_common_options) -> None:
         default=TEXT_TOKENS,
         help="new tokens of the greedy continuations read by the text-level scores (0: no text scores)",
     )
+    add_preserve_options(parser)
     add_common_options(parser)
     parser.set_defaults(run=run)
 
@@ -45,10 +46,7 @@ def register(subparsers, add_common_options) -> None:
 def run(args: argparse.Namespace) -> dict:
     cases = load_counterfact(args.data, args.limit)
     lm = load(args)
-    rome = RomeHyperParams(
-        layer=args.layer, key_token=args.key_token, stats_corpus=args.corpus, stats_tokens=args.stats_tokens
-    )
-    rome.check(lm)
+    rome = rome_settings(args, lm)
     ft = FTHyperParams(layer=args.layer)
     with tqdm(total=len(cases), desc=f"evaluate {args.method}", unit="case", leave=False) as bar:
 

@@ -12,6 +12,7 @@ from core.counterfact import load_counterfact
 from core.covariance import DEFAULT_TOKENS
 from core.edits import EditRequest
 from core.errors import UserError
+from core.evaluation import held_out
 from core.rome import RomeHyperParams
 from core.sweep import MEASURES, LayerSweep, average_sweeps, layer_sweep, parse_layers
 
@@ -54,12 +55,13 @@ def run(args: argparse.Namespace) -> dict:
         print(f"  best layer by score: {sweep.best_layer()}  ({sweep.seconds:.0f} s)")
         return {"model": lm.name, **sweep.to_json()}
     sweeps = []
+    held = held_out(RomeHyperParams(stats_tokens=args.stats_tokens), cases)  # never preserve a measured subject
     with progress_bar("facts") as bar:
         bar(0, len(cases))
         for done, case in enumerate(cases, start=1):
             request = EditRequest(case.prompt, case.subject, case.target_new, case.target_true)
             paraphrases, neighbors = list(case.paraphrase_prompts), list(case.neighborhood_prompts)
-            sweeps.append(sweep_one(lm, request, layers, args, paraphrases, neighbors, None))
+            sweeps.append(sweep_one(lm, request, layers, args, paraphrases, neighbors, None, held))
             bar(done, len(cases))
     mean = average_sweeps(sweeps)
     print(f"{mean.n} facts averaged")
@@ -67,14 +69,16 @@ def run(args: argparse.Namespace) -> dict:
     return {"model": lm.name, **mean.to_json()}
 
 
-def sweep_one(lm, request: EditRequest, layers, args, paraphrases, neighbors, progress) -> LayerSweep:
+def sweep_one(
+    lm, request: EditRequest, layers, args, paraphrases, neighbors, progress, hparams: RomeHyperParams | None = None
+) -> LayerSweep:
     return layer_sweep(
         lm,
         request,
         layers,
         paraphrases=paraphrases,
         neighbors=neighbors,
-        hparams=RomeHyperParams(stats_tokens=args.stats_tokens),
+        hparams=hparams or RomeHyperParams(stats_tokens=args.stats_tokens),
         trace_samples=None if args.no_trace else args.trace_samples,
         progress=progress,
     )
