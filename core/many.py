@@ -8,6 +8,7 @@ of the accumulated update make one point of the `curve`. At the end every score 
 edits, fluency over every case's generation prompts, next to the unedited model's fluency on the same
 prompts and seeds. With a `time_budget`, no edit (or batch) starts after that many seconds: the result covers
 the cases seen by then (`cases`), with a last curve point there, fluency on their prompts only.
+ROME's preserved-subjects catalogue (core/preserve.py) is held out from every case given (core.evaluation.held_out).
 
 The model is left as it was (bitwise); the edits come back in the result, ready for core.saving or export.
 """
