@@ -40,7 +40,6 @@ from core.devices import is_offloaded
 from core.edit_site import default_layer
 from core.edits import EditRequest, applied, changed_weights, unedited
 from core.errors import UserError
-from core.facts import DEFAULT_FACTS
 from core.generation import GenerationSettings, generate, generate_ids
 from core.memit import MemitParams, memit_batch
 from core.models import LoadedModel
@@ -436,7 +435,7 @@ def held_out(rome: RomeHyperParams, cases: Sequence[CounterFactCase]) -> RomeHyp
     a measurement never protects the very keys it measures."""
     if rome.preserve_weight <= 0:
         return rome
-    kept = catalogue_without(rome.preserve_facts or DEFAULT_FACTS, case_texts(cases))
+    kept = catalogue_without(rome.preserve_catalogue, case_texts(cases))
     return replace(rome, preserve_facts=str(kept))
 
 

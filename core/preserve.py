@@ -25,7 +25,7 @@ import json
 import os
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +33,6 @@ import torch
 from core.covariance import layer_keys
 from core.edits import unedited
 from core.facts import DEFAULT_FACTS, load_facts
-from core.jsonfile import read_json
 from core.models import LoadedModel, cache_dir
 from core.prompts import find_subject_chars
 
@@ -100,12 +99,11 @@ def catalogue_without(path: str | Path, texts: Iterable[str]) -> Path:
     when none does, else a copy in the cache folder named by its content."""
     path = Path(path)
     lowered = [t.casefold() for t in texts]
-    records = read_json(path, "facts file")
-    load_facts(path)  # the same checks as any catalogue
-    kept = [r for r in records if not any(r["subject"].casefold() in t for t in lowered)]
-    if len(kept) == len(records):
+    facts = load_facts(path)
+    kept = [f for f in facts if not any(f.subject.casefold() in t for t in lowered)]
+    if len(kept) == len(facts):
         return path
-    data = json.dumps(kept, indent=1).encode()
+    data = json.dumps([asdict(f) for f in kept], indent=1).encode()
     out = cache_dir() / "preserve" / f"facts-{hashlib.sha256(data).hexdigest()[:24]}.json"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -90,6 +90,11 @@ class RomeHyperParams:
     stats_tokens: int = DEFAULT_TOKENS
     seed: int = 0  # context texts
 
+    @property
+    def preserve_catalogue(self) -> Path:
+        """The known-facts file whose subjects' keys the update keeps (`preserve_facts`, or the default)."""
+        return Path(self.preserve_facts) if self.preserve_facts else DEFAULT_FACTS
+
     def check(self, lm: LoadedModel) -> None:
         if self.layer is not None and not 0 <= self.layer < lm.num_layers:
             raise UserError(f"layer {self.layer} is outside the model's layers 0..{lm.num_layers - 1}")
@@ -103,7 +108,7 @@ class RomeHyperParams:
             raise UserError(f"unknown solve-at key {self.solve_at!r}: use one of {', '.join(SOLVE_AT)}")
         if self.preserve_weight < 0:
             raise UserError(f"the preserve weight is 0 or more (got {self.preserve_weight})")
-        if self.preserve_weight > 0 and self.preserve_facts and not Path(self.preserve_facts).is_file():
+        if self.preserve_weight > 0 and not self.preserve_catalogue.is_file():
             raise UserError(f"preserve catalogue {self.preserve_facts!r} does not exist")
 
 
@@ -549,7 +554,7 @@ def _edit(
     """compute_edit's steps once the statistics are there (see compute_edit)."""
     edit_start = time.perf_counter()
     if hp.preserve_weight > 0:
-        keys = subject_keys(lm, layer, hp.preserve_facts or DEFAULT_FACTS)
+        keys = subject_keys(lm, layer, hp.preserve_catalogue)
         stats = replace(stats, mom2=preserved_moment(stats.mom2, keys, request.subject, hp.preserve_weight))
     offset = key_offset(lm, request, layer, hp.key_token)
     rows = edit_rows(lm, request, context_texts(lm, hp.context_lengths, hp.seed), offset)

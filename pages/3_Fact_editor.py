@@ -8,6 +8,8 @@ model writes is measured beside the probabilities: whether each greedy text name
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pandas as pd
 import streamlit as st
 
@@ -115,12 +117,13 @@ with st.form("edit_form"):
     )
     submitted = st.form_submit_button("Apply edit", type="primary", key="edit_apply")
 
+# the edit's and the sweep's settings (the sweep sets the layer itself)
+settings = RomeHyperParams(steps=int(steps), stats_tokens=int(stats_tokens), preserve_weight=float(preserve))
+
 if submitted:
     edits = session_edits(lm)
     try:
-        hp = RomeHyperParams(
-            layer=int(layer), steps=int(steps), stats_tokens=int(stats_tokens), preserve_weight=float(preserve)
-        )
+        hp = replace(settings, layer=int(layer))
         hp.check(lm)
         with applied(lm, edits):
             request = validate_request(lm, EditRequest(prompt, subject, target))
@@ -305,7 +308,7 @@ if c2.button("Run the sweep", key="sweep_run"):
             layers,
             paraphrases=lines(paraphrases),
             neighbors=lines(neighbours),
-            hparams=RomeHyperParams(steps=int(steps), stats_tokens=int(stats_tokens), preserve_weight=float(preserve)),
+            hparams=settings,
             progress=bar_progress(bar, "layers edited"),
             step=session_step(lm, f"a layer sweep of {prompt.replace('{}', subject)!r}"),
         )
