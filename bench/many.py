@@ -4,6 +4,7 @@
     PYTHONPATH=. python bench/many.py curve --limit 1000 --every 50 [--json OUT]   # ROME vs AlphaEdit, known facts
     PYTHONPATH=. python bench/many.py show A.json B.json ...                  # the table of `edit-many --json` files
     PYTHONPATH=. python bench/many.py replay EDITS.safetensors --limit N      # re-measure exported edits, all applied
+    PYTHONPATH=. python bench/many.py batch [--limit N] [--threads 2]          # time one MEMIT batch, and its step 1
 
 `table` runs `core.many.edit_many` for each method on data/counterfact_project.json (all edits applied, then
 measured). `curve` builds sequential edits from data/known_facts.json (each fact's object replaced by the
@@ -12,6 +13,11 @@ true object) and prints the curve of ROME and AlphaEdit: efficacy of all edits s
 fluency, norm of the accumulated update. The file has 409 facts: `--limit` above that cycles through them
 again with the object after that (re-editing edited facts). `--time-budget S`: each method stops starting
 edits after S seconds and is measured over the cases it saw.
+
+`batch` times one MEMIT batch of the project's cases (statistics cached first), then MEMIT's step 1 alone two
+ways in the same run: each fact's value optimisation alone (`batch_rows=1`, the naive reference) and many facts
+sharing each forward pass (the default); it prints the times, their ratio, the largest difference between the
+two ways' deltas (relative to the delta's norm) and the process's peak memory.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,9 +39,11 @@ from core.commands.common import to_jsonable
 from core.counterfact import PROJECT_FILE, CounterFactCase, load_counterfact
 from core.edits import applied, import_edits
 from core.facts import DEFAULT_FACTS, load_facts
-from core.many import ManyParams, edit_many, generation_efficacy, score_cases, update_norm
+from core.many import ManyParams, edit_many, generation_efficacy, request_of, score_cases, update_norm
+from core.memit import VALUE_SETTINGS, default_layers, memit_batch, target_deltas
 from core.models import load_model
 from core.prompts import find_subject_chars
+from core.rome import validate_request
 
 COLUMNS = (
     "method",
@@ -106,7 +116,7 @@ def print_curves(results: dict[str, dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("table", "curve", "show", "replay"))
+    parser.add_argument("mode", choices=("table", "curve", "show", "replay", "batch"))
     parser.add_argument("files", nargs="*", help="show: edit-many JSON files; replay: one exported edits file")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--every", type=int, default=10, help="a curve point after every N edits")
@@ -137,6 +147,9 @@ def main() -> None:
         scores.update({"edits": len(edits), "cases": len(cases), "update_norm": update_norm(edits)})
         print(json.dumps(scores, indent=1))
         return
+    if args.mode == "batch":
+        time_batch(lm, load_counterfact(PROJECT_FILE, args.limit), args.json_out)
+        return
     if args.mode == "table":
         cases = load_counterfact(PROJECT_FILE, args.limit)
         methods = (args.methods or "rome,alphaedit,memit").split(",")
@@ -152,6 +165,36 @@ def main() -> None:
             Path(args.json_out).write_text(json.dumps(results, indent=1) + "\n")
     print_table(list(results.values()))
     print_curves(results)
+
+
+def time_batch(lm, cases: list[CounterFactCase], json_out: str | None) -> None:
+    requests = [request_of(c) for c in cases]
+    memit_batch(lm, requests[:1])  # statistics and context texts cached, as in any later batch
+    started = time.perf_counter()
+    batch = memit_batch(lm, requests)
+    whole = time.perf_counter() - started
+    checked = [validate_request(lm, r) for r in requests]
+    last = default_layers(lm)[-1]
+    timed = {}
+    for name, rows in (("alone", 1), ("together", None)):
+        started = time.perf_counter()
+        found = target_deltas(lm, checked, last, VALUE_SETTINGS, **({"batch_rows": rows} if rows else {}))
+        timed[name] = (time.perf_counter() - started, found[0])
+    difference = ((timed["alone"][1] - timed["together"][1]).norm(dim=1) / timed["alone"][1].norm(dim=1)).max()
+    result = {
+        "facts": len(requests),
+        "edited": len(batch.kept),
+        "batch_seconds": round(whole, 1),
+        "step1_alone_seconds": round(timed["alone"][0], 1),
+        "step1_together_seconds": round(timed["together"][0], 1),
+        "step1_speedup": round(timed["alone"][0] / timed["together"][0], 2),
+        "max_relative_delta_difference": float(difference),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(result, indent=1))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import torch
 from core.edits import unedited
 from core.errors import UserError
 from core.generation import cache_of
+from core.hooks import Hooks, stop_after
 from core.models import LoadedModel, cache_dir, weights_fingerprint
 from core.progress import Progress, Step, within
 
@@ -202,29 +203,13 @@ def _load(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Ten
         return None
 
 
-class _Stop(Exception):
-    """Raised by a hook once the keys are recorded: the layers above are not needed."""
-
-
 def layer_keys(lm: LoadedModel, layer: int, input_ids: torch.Tensor) -> torch.Tensor:
     """The keys (inputs of the MLP output projection) at `layer` for every position: (batch, positions, in),
     running the model only up to that layer."""
-    module = lm.model.get_submodule(lm.arch.layer_name(lm.model, layer, "mlp_out"))
-    seen: list[torch.Tensor] = []
-
-    def hook(mod, inputs):
-        seen.append(inputs[0].detach())
-        raise _Stop
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            lm.model(input_ids=input_ids.to(lm.device), use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return seen[0]
+    name = lm.arch.layer_name(lm.model, layer, "mlp_out")
+    with torch.no_grad(), Hooks(lm.model, record_inputs=[name], detach=False) as hooks, stop_after(lm.model, name):
+        lm.model(input_ids=input_ids.to(lm.device), use_cache=False)
+    return hooks.inputs[name]
 
 
 def _key_second_moment(

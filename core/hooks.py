@@ -4,6 +4,11 @@
         model(**inputs)
     hooks.outputs["model.layers.5"]   # the output tensor of that module (first element of a tuple output)
 
+A forward can end early once what it is for is recorded: the layers above are skipped.
+
+    with Hooks(model, record=["model.layers.2"]) as hooks, stop_after(model, "model.layers.2"):
+        model(**inputs)  # runs blocks 0-2 only
+
 `edit_fn(output_tensor, name)` may modify the tensor in place or return a replacement tensor. On a model spread
 over devices (core/devices.py) each output is on its module's device: an edit moves what it writes there (a
 replacement is moved there for it), and recorded tensors stay there.
@@ -11,7 +16,8 @@ replacement is moved there for it), and recorded tensors stay there.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -93,3 +99,24 @@ class Hooks:
             self.inputs[name] = self._keep(inputs[0])
 
         return hook
+
+
+class StopForward(Exception):
+    """Raised by `stop_after`'s hook to end a forward pass; `stop_after` catches it."""
+
+
+@contextmanager
+def stop_after(model: nn.Module, name: str) -> Iterator[None]:
+    """End any forward pass run inside the context right after module `name` has given its output (hooks
+    registered before this one, e.g. an enclosing `Hooks`, still see it). The model returns nothing then."""
+    handle = model.get_submodule(name).register_forward_hook(lambda module, inputs, output: _stop())
+    try:
+        yield
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
+def _stop() -> None:
+    raise StopForward

@@ -2,8 +2,9 @@
 range of MLP layers.
 
 1. Targets: for each fact, the change `delta_i` of the hidden state at the last layer L of the range, at the
-   subject's key token, that makes the model give the new object (ROME's value optimisation at layer L,
-   `core.rome.compute_edit`, on the unedited model: delta_i = v (u . k*)).
+   subject's key token, that makes the model give the new object: ROME's value optimisation at layer L
+   (`core.rome.optimise_values`) on the model as it is, many facts sharing each forward pass (`target_deltas`;
+   each delta follows the path it would alone, faster).
 2. For each layer l of the range, lowest first, on the model carrying the updates of the layers below:
    keys K (one k* per fact at l), the residual still missing at L, R = delta - (h_L now - h_L before),
    spread over the layers left: R / (layers left), and the least-squares update against the layer's key
@@ -25,10 +26,21 @@ from core.covariance import key_statistics
 from core.edit_site import default_layer, key_offset
 from core.edits import Edit, EditRequest, EditStack
 from core.errors import UserError
-from core.hooks import Hooks
+from core.hooks import Hooks, stop_after
 from core.models import EMBEDDED_MODEL, LoadedModel
-from core.progress import Progress
-from core.rome import RomeHyperParams, compute_edit, context_texts, edit_rows
+from core.progress import Progress, within
+from core.prompts import target_ids
+from core.rome import (
+    EditRow,
+    RomeHyperParams,
+    ValueTrace,
+    context_texts,
+    edit_rows,
+    optimise_values,
+    record_rows,
+    validate_request,
+    value_batch,
+)
 
 # The embedded model's range: layers 2-5, around ROME's layer 3 (its MLP indirect effect is flat over 0-5 and
 # drops after 5, see core.rome.EMBEDDED_LAYER); four layers keep the key statistics (one corpus pass per
@@ -37,9 +49,16 @@ EMBEDDED_LAYERS = (2, 3, 4, 5)
 
 
 # Step 1's values and the keys: the project's ROME settings with two changes for batch scale: stop once the
-# target's NLL < 5e-2 (MEMIT's own code stops early too) and 2 context texts instead of 10. 94 facts then
-# take minutes, not a quarter of an hour, on a 2-core CPU (bench/many.py).
-VALUE_SETTINGS = replace(RomeHyperParams(), early_stop="nll", context_lengths=((5, 2),))
+# target's NLL < 5e-2 (MEMIT's own code stops early too) and 2 context texts instead of 10. With the facts
+# sharing each forward pass, the batch of all 94 project cases takes 156 s on the 2-core CPU (step 1: 152 s,
+# 397 s one fact at a time; `bench/many.py batch`). No rank-one update is solved in step 1, so ROME's
+# preserved subject keys play no part there.
+VALUE_SETTINGS = replace(RomeHyperParams(), early_stop="nll", context_lengths=((5, 2),), preserve_weight=0.0)
+
+# Step 1 puts the rows of this many facts' prompts (at least one fact) through each forward pass: the
+# embedded model's value steps cost ~0.28 s for one fact's 4 rows and ~0.10 s per fact from 16 facts on
+# (2-core CPU), and a pass records the full logits of its rows, so a cap keeps memory bounded.
+VALUE_BATCH_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -71,7 +90,7 @@ def site_states(
     """For every request: k* at `layer` (the mean key over its rewrite rows, as `core.rome.compute_key`) and
     the block output at `last` at the key token (the mean over the same rows), float32, on the model as it
     is; (n, key size) and (n, hidden). All requests' rows go through the model together, `batch` rows of one
-    length per forward."""
+    length per forward, up to block `last`."""
     contexts = context_texts(lm, hp.context_lengths, hp.seed)
     rows: list[tuple[int, tuple[int, ...], int, int]] = []  # (request, ids, key position, state position)
     for i, request in enumerate(requests):
@@ -92,8 +111,8 @@ def site_states(
             for chunk in range(0, len(members), batch):
                 part = [rows[j] for j in members[chunk : chunk + batch]]
                 ids = torch.tensor([r[1] for r in part], device=lm.device)
-                with Hooks(lm.model, record=[block], record_inputs=[mlp_out]) as hooks:
-                    lm.model(input_ids=ids, use_cache=False)
+                with Hooks(lm.model, record=[block], record_inputs=[mlp_out]) as hooks, stop_after(lm.model, block):
+                    lm.model(input_ids=ids, use_cache=False)  # blocks 0..last only
                 owner = torch.tensor([r[0] for r in part], device=lm.device)
                 k = at(hooks.inputs[mlp_out], [r[2] for r in part]).to(lm.device, torch.float32)
                 h = at(hooks.outputs[block], [r[3] for r in part]).to(lm.device, torch.float32)
@@ -104,6 +123,53 @@ def site_states(
                 counts.index_add_(0, owner, torch.ones(len(part), device=lm.device))
     assert keys is not None
     return keys / counts[:, None], states / counts[:, None]
+
+
+def target_deltas(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    layer: int,
+    hp: RomeHyperParams,
+    progress: Progress | None = None,
+    batch_rows: int = VALUE_BATCH_ROWS,
+) -> tuple[torch.Tensor, list[ValueTrace]]:
+    """Step 1 for checked requests (`core.rome.validate_request`): each one's delta at block `layer`'s output,
+    ROME's value optimisation (`core.rome.optimise_values`) on the model as it is, float32 (n, hidden), and
+    how each optimisation went. The
+    requests go `batch_rows` prompt rows at a time through each forward pass. Progress: requests done, a
+    group's share counted as its steps pass."""
+    contexts = context_texts(lm, hp.context_lengths, hp.seed)
+    per_request = [edit_rows(lm, r, contexts, key_offset(lm, r, layer, hp.key_token)) for r in requests]
+    groups: list[list[int]] = [[]]
+    for i, rows in enumerate(per_request):
+        if groups[-1] and sum(len(per_request[j]) for j in groups[-1]) + len(rows) > batch_rows:
+            groups.append([])
+        groups[-1].append(i)
+    deltas: list[torch.Tensor] = []
+    traces: list[ValueTrace] = []
+    for group in groups:
+        rows: list[EditRow] = []
+        owners: list[int] = []
+        firsts: list[int] = []  # each request's first row: its plain prompt
+        for j, i in enumerate(group):
+            firsts.append(len(rows))
+            rows += per_request[i]
+            owners += [j] * len(per_request[i])
+        recording = record_rows(lm, rows, layer)
+        targets = [target_ids(lm.tokenizer, requests[i].target_new) for i in group]
+        batch = value_batch(lm, rows, recording, targets, owners)
+        done = len(deltas)
+
+        def on_step(step: int) -> None:
+            if progress:
+                progress(done + len(group) * step // hp.steps, len(requests))
+
+        found, paths = optimise_values(lm, batch, layer, recording.outputs[firsts], hp, on_step)
+        deltas += list(found)
+        traces += paths
+        if progress:
+            progress(len(deltas), len(requests))
+    return torch.stack(deltas), traces
 
 
 @dataclass
@@ -129,25 +195,24 @@ def memit_batch(
     if not layers or not all(0 <= layer < lm.num_layers for layer in layers):
         raise UserError(f"MEMIT layers {layers} must lie within the model's 0..{lm.num_layers - 1}")
     last = layers[-1]
-    total = len(requests) + len(layers)
+    rome.check(lm)
+    total = 2 * len(requests) + len(layers)  # progress: requests checked, their targets found, layers
     tick = progress or (lambda done, total: None)
 
-    # 1. targets at the last layer, on the unedited model
-    kept, checked, deltas, skipped = [], [], [], []
+    # 1. targets at the last layer, on the model as it is
+    kept, checked, skipped = [], [], []
     for i, request in enumerate(requests):
         try:
-            edit = compute_edit(lm, request, replace(rome, layer=last))
+            checked.append(validate_request(lm, request))
         except UserError as err:
             skipped.append((i, str(err)))
         else:
             kept.append(i)
-            checked.append(edit.request)
-            deltas.append(edit.v.float() * (edit.u.float() @ edit.key.float()))
         tick(i + 1, total)
     if not kept:
         return MemitBatch([], [], [], skipped)
+    delta, _ = target_deltas(lm, checked, last, rome, within(progress, len(requests) + len(skipped), total))
     requests = checked
-    delta = torch.stack(deltas)  # (n, hidden)
 
     # 2. layer by layer, on the model carrying the layers below
     stack = EditStack(lm)
@@ -157,7 +222,7 @@ def memit_batch(
         for index, layer in enumerate(layers):
             keys_, states = site_states(lm, requests, layer, last, rome)  # (n, in), (n, hidden)
             before = states if before is None else before
-            tick(len(kept) + len(skipped) + index + 1, total)
+            tick(total - len(layers) + index + 1, total)
             residual = (delta - (states - before)) / (len(layers) - index)
             mom2 = key_statistics(lm, layer, rome.stats_corpus, rome.stats_tokens).mom2.float()
             a = params.mom2_weight * mom2 + keys_.T @ keys_

@@ -14,8 +14,9 @@ projection W, read as a linear associative memory key -> value.
    With `preserve_weight` > 0, C also counts the keys of a catalogue's other subjects (core/preserve.py).
 
 The steps are functions of their own: `edit_rows` (the prompts), `record_rows` (one clean pass: keys, the
-layer's outputs, what the value optimisation resumes from), `optimise_value` (delta), `rank_one_update`
-(pure linear algebra); `solve_rows` runs 2-4 over any rows (sentiment edits build their own, from texts).
+layer's outputs, what the value optimisation resumes from), `optimise_values` (delta; one request's, or
+many requests' at once, as MEMIT does), `rank_one_update` (pure linear algebra); `solve_rows` runs 2-4 over
+any rows (sentiment edits build their own, from texts).
 `compute_key` gives k* at any layer (batch editors use it). The layer and key-token
 choice is core/edit_site.py. Statistics and context texts are computed on the unedited weights
 (`core.edits.unedited`), so one session's edit never leaks into what is cached for everyone.
@@ -241,7 +242,7 @@ def edit_rows(lm: LoadedModel, request: EditRequest, contexts: Contexts, offset:
 class RowRecording:
     """What one clean forward of the rows gives: at each row's key position the key (input of W) and W's
     output (+ bias); the layer's block output from the key on, the keys/values before it, and the KL rows'
-    unedited next-token log-probs (for `optimise_value`)."""
+    unedited next-token log-probs (for `optimise_values`)."""
 
     keys: torch.Tensor  # (rows, in)
     outputs: torch.Tensor  # (rows, out)
@@ -308,17 +309,44 @@ def compute_key(
 @dataclass
 class ValueBatch:
     """Every row of the value optimisation as one batch from its key token on: the rows' prefixes differ in
-    length, so each row has its own start and its prefix keys/values are right-padded (masked out)."""
+    length, so each row has its own start and its prefix keys/values are right-padded (masked out). Rows may
+    belong to several requests (`owners`), each with its own delta and target; one request is the usual case."""
 
     hidden: torch.Tensor  # block `layer` output from the key position on, no delta (rows, positions, H), right-padded
     starts: torch.Tensor  # (rows,) key positions
     prefix: PrefixCache | None  # keys/values of positions < each row's key position
+    owners: torch.Tensor  # (rows,) the request each row belongs to (whose delta it gets)
     rewrite: torch.Tensor  # (rewrite rows,) row indices
     target_at: torch.Tensor  # (rewrite rows, target tokens) positions (from the key) whose logits predict a target
-    targets: torch.Tensor  # (rewrite rows, target tokens) ids
+    targets: torch.Tensor  # (rewrite rows, target tokens) ids, right-padded where targets differ in length
+    target_mask: torch.Tensor  # (rewrite rows, target tokens) True for a real target token
     kl_rows: torch.Tensor  # (KL rows,) row indices
     kl_at: torch.Tensor  # (KL rows,) position (from the key) of the next-token prediction
     init_log_probs: torch.Tensor  # (KL rows, vocab) unedited next-token log-probs
+    requests: int  # how many requests (deltas) the rows belong to
+
+    def of_requests(self, keep: list[int]) -> ValueBatch:
+        """The rows of the requests in `keep` only (request numbers unchanged)."""
+        rows = torch.isin(self.owners, torch.tensor(keep, device=self.owners.device))
+        new_index = torch.cumsum(rows, 0) - 1
+        on_rewrite, on_kl = rows[self.rewrite], rows[self.kl_rows]
+        prefix = None
+        if self.prefix is not None:
+            prefix = PrefixCache({n: LayerKV(kv.keys[rows], kv.values[rows]) for n, kv in self.prefix.layers.items()})
+        return replace(
+            self,
+            hidden=self.hidden[rows],
+            starts=self.starts[rows],
+            prefix=prefix,
+            owners=self.owners[rows],
+            rewrite=new_index[self.rewrite[on_rewrite]],
+            target_at=self.target_at[on_rewrite],
+            targets=self.targets[on_rewrite],
+            target_mask=self.target_mask[on_rewrite],
+            kl_rows=new_index[self.kl_rows[on_kl]],
+            kl_at=self.kl_at[on_kl],
+            init_log_probs=self.init_log_probs[on_kl],
+        )
 
 
 def padded(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -332,7 +360,16 @@ def padded(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def value_batch(lm: LoadedModel, rows: list[EditRow], recording: RowRecording, target: list[int]) -> ValueBatch:
+def value_batch(
+    lm: LoadedModel,
+    rows: list[EditRow],
+    recording: RowRecording,
+    targets: list[list[int]],
+    owners: list[int] | None = None,
+) -> ValueBatch:
+    """The rows (recorded by `record_rows`) as one batch; `owners[i]`: the request row i belongs to, whose
+    target is `targets[owners[i]]` (default: every row belongs to request 0)."""
+    owners = owners or [0] * len(rows)
     rewrite = [i for i, r in enumerate(rows) if not r.kl]
     kl_rows = [i for i, r in enumerate(rows) if r.kl]
     prefix = None
@@ -348,18 +385,22 @@ def value_batch(lm: LoadedModel, rows: list[EditRow], recording: RowRecording, t
             }
         )
     device = lm.device
+    as_tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
+    at = [as_tensor([t - rows[i].key_position for t in rows[i].target_positions]) for i in rewrite]
+    wanted = [as_tensor(targets[owners[i]]) for i in rewrite]
     return ValueBatch(
         hidden=padded(recording.hidden, dim=0),
-        starts=torch.tensor([r.key_position for r in rows], device=device),
+        starts=as_tensor([r.key_position for r in rows]),
         prefix=prefix,
-        rewrite=torch.tensor(rewrite, device=device),
-        target_at=torch.tensor(
-            [[t - rows[i].key_position for t in rows[i].target_positions] for i in rewrite], device=device
-        ),
-        targets=torch.tensor([target] * len(rewrite), device=device),
+        owners=as_tensor(owners),
+        rewrite=as_tensor(rewrite),
+        target_at=padded(at, dim=0),
+        targets=padded(wanted, dim=0),
+        target_mask=padded([torch.ones(len(t), dtype=torch.bool, device=device) for t in wanted], dim=0),
         kl_rows=torch.tensor(kl_rows, device=device, dtype=torch.long),
-        kl_at=torch.tensor([len(rows[i].ids) - 1 - rows[i].key_position for i in kl_rows], device=device),
+        kl_at=as_tensor([len(rows[i].ids) - 1 - rows[i].key_position for i in kl_rows]),
         init_log_probs=recording.kl_log_probs,
+        requests=len(targets),
     )
 
 
@@ -371,53 +412,78 @@ class ValueTrace:
 
 
 def value_losses(
-    lm: LoadedModel, batch: ValueBatch, delta: torch.Tensor, layer: int
+    lm: LoadedModel, batch: ValueBatch, deltas: torch.Tensor, layer: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean NLL of the target over the rewrite rows (each the mean over its tokens) and the summed KL of the
-    KL rows, with `delta` added to block `layer`'s output at every row's key token."""
+    """Per request (`batch.requests`,): the mean NLL of its target over its rewrite rows (each the mean over
+    the target's tokens) and the summed KL of its KL rows, with deltas[owner] added to block `layer`'s output
+    at every row's key token (0 for a request without rows in the batch)."""
     hidden = batch.hidden.clone()
-    hidden[:, 0] = hidden[:, 0] + delta
+    hidden[:, 0] = hidden[:, 0] + deltas[batch.owners]
     states = run_blocks(lm, hidden.to(lm.dtype), first=layer + 1, start_position=batch.starts, prefix=batch.prefix)
     logits = final_logits(lm, states[batch.rewrite[:, None], batch.target_at]).float()
     picked = torch.log_softmax(logits, dim=-1).gather(-1, batch.targets[..., None])[..., 0]
-    nll = -picked.mean(dim=1).mean()
+    mask = batch.target_mask.to(picked.dtype)
+    row_nll = -(picked * mask).sum(dim=1) / mask.sum(dim=1)
+    per_request = lambda values, owners: values.new_zeros(batch.requests).index_add(0, owners, values)  # noqa: E731
+    owners = batch.owners[batch.rewrite]
+    counts = per_request(torch.ones_like(row_nll), owners).clamp(min=1)
+    nll = per_request(row_nll, owners) / counts
     log_probs = torch.log_softmax(final_logits(lm, states[batch.kl_rows, batch.kl_at]).float(), dim=-1)
-    kl = torch.nn.functional.kl_div(batch.init_log_probs, log_probs, log_target=True, reduction="sum")
+    row_kl = torch.nn.functional.kl_div(batch.init_log_probs, log_probs, log_target=True, reduction="none").sum(-1)
+    kl = per_request(row_kl, batch.owners[batch.kl_rows])
     return nll, kl
 
 
-def optimise_value(
+def optimise_values(
     lm: LoadedModel,
     batch: ValueBatch,
     layer: int,
     target_init: torch.Tensor,
     hp: RomeHyperParams,
     on_step: Callable[[int], None] | None = None,
-) -> tuple[torch.Tensor, ValueTrace]:
-    """delta: Adam on NLL + kl_factor * KL + weight_decay * ||delta|| / ||v||^2, ||delta|| clamped to
-    clamp_norm_factor * ||v|| (v = `target_init`, W's output at the plain prompt's key), as the paper."""
-    trace = ValueTrace()
-    delta = torch.zeros(lm.hidden_size, device=lm.device, requires_grad=True)
-    optimiser = torch.optim.Adam([delta], lr=hp.lr)
-    max_norm = hp.clamp_norm_factor * target_init.norm()
+) -> tuple[torch.Tensor, list[ValueTrace]]:
+    """One delta per request, (requests, hidden): Adam on NLL + kl_factor * KL + weight_decay * ||delta|| /
+    ||v||^2, ||delta|| clamped to clamp_norm_factor * ||v|| (v = the request's row of `target_init`, W's
+    output at its plain prompt's key), as the paper. The requests share each forward pass but nothing else:
+    each loss depends on its own delta only and Adam works element by element, so every delta follows the
+    path it would alone. A request that meets the early stop drops out of the batch; the rest go on."""
+    n = batch.requests
+    deltas = [torch.zeros(lm.hidden_size, device=lm.device, requires_grad=True) for _ in range(n)]
+    optimiser = torch.optim.Adam(deltas, lr=hp.lr)
+    init_norms = target_init.norm(dim=-1)
+    traces = [ValueTrace() for _ in range(n)]
+    active, part = list(range(n)), batch
     for step in range(hp.steps):
-        optimiser.zero_grad()
-        nll, kl = value_losses(lm, batch, delta, layer)
-        loss = nll + hp.kl_factor * kl + hp.weight_decay * delta.norm() / target_init.norm() ** 2
-        trace.losses.append(round(loss.item(), 5))
-        trace.nll.append(round(nll.item(), 5))
-        trace.steps = step + 1
+        optimiser.zero_grad(set_to_none=True)
+        stacked = torch.stack(deltas)
+        nll, kl = value_losses(lm, part, stacked, layer)
+        loss = nll + hp.kl_factor * kl + hp.weight_decay * stacked.norm(dim=-1) / init_norms**2
+        losses, nlls = loss.tolist(), nll.tolist()
+        going_on = []
+        for i in active:
+            traces[i].losses.append(round(losses[i], 5))
+            traces[i].nll.append(round(nlls[i], 5))
+            traces[i].steps = step + 1
+            watched = {"nll": nlls[i], "loss": losses[i], "none": float("inf")}[hp.early_stop]
+            if not (watched < hp.early_stop_loss or step == hp.steps - 1):
+                going_on.append(i)
         if on_step:
             on_step(step + 1)
-        watched = {"nll": nll.item(), "loss": loss.item(), "none": float("inf")}[hp.early_stop]
-        if watched < hp.early_stop_loss or step == hp.steps - 1:
+        if not going_on:
             break
-        loss.backward()
+        loss[going_on].sum().backward()
+        for i in set(range(n)) - set(going_on):
+            deltas[i].grad = None  # stopped (its gradient is 0, not None): Adam leaves a parameter without one alone
         optimiser.step()
         with torch.no_grad():
-            if delta.norm() > max_norm:
-                delta.mul_(max_norm / delta.norm())
-    return delta.detach(), trace
+            for i in going_on:
+                max_norm = hp.clamp_norm_factor * init_norms[i]
+                if deltas[i].norm() > max_norm:
+                    deltas[i].mul_(max_norm / deltas[i].norm())
+        if len(going_on) < len(active):
+            part = batch.of_requests(going_on)
+        active = going_on
+    return torch.stack(deltas).detach(), traces
 
 
 # --- 4. the rank-one update ----------------------------------------------------------------------------------
@@ -526,9 +592,10 @@ def solve_rows(
     key_seconds = time.perf_counter() - key_start
 
     value_start = time.perf_counter()
-    batch = value_batch(lm, rows, recording, target)
+    batch = value_batch(lm, rows, recording, [target])
     plain_output = recording.outputs[0]  # the first row is the plain prompt
-    delta, trace = optimise_value(lm, batch, layer, plain_output, hp, tick)
+    deltas, traces = optimise_values(lm, batch, layer, plain_output[None], hp, tick)
+    delta, trace = deltas[0], traces[0]
     value_seconds = time.perf_counter() - value_start
 
     with torch.no_grad():

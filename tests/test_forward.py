@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from core.forward import LayerKV, PrefixCache, final_logits, record_kv, run_blocks, slice_prefix
-from core.hooks import Hooks
+from core.hooks import Hooks, stop_after
 
 PROMPTS = ["The Eiffel Tower is located in the city of", "Tourists say that the Colosseum stands in the city of"]
 
@@ -65,3 +65,19 @@ def test_rows_with_different_prefix_lengths_in_one_padded_batch(tiny):
     for row, (_, logits, real) in enumerate(runs):
         again = final_logits(tiny, states[row, real - 1])
         torch.testing.assert_close(again, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_stop_after_ends_the_forward_once_the_module_has_run(tiny):
+    """`stop_after` (core.hooks): the recorded output equals the full forward's, no block above runs, and the
+    hooks are gone afterwards (the next forward runs every block)."""
+    ids = torch.tensor([tiny.tokenizer(PROMPTS[0])["input_ids"]])
+    block, above = (tiny.arch.layer_name(tiny.model, layer) for layer in (1, 2))
+    full, _, _ = _full_run(tiny, ids[0].tolist(), layer=1)
+    ran = []
+    with Hooks(tiny.model, {above: lambda output, name: ran.append(name)}):
+        with torch.no_grad(), Hooks(tiny.model, record=[block]) as hooks, stop_after(tiny.model, block):
+            tiny.model(input_ids=ids)
+        assert ran == [] and torch.equal(hooks.outputs[block], full)
+        with torch.no_grad():
+            tiny.model(input_ids=ids)
+        assert ran == [above]

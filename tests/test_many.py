@@ -18,9 +18,17 @@ from core.edits import EditRequest, applied
 from core.errors import UserError
 from core.evaluation import held_out
 from core.many import ManyParams, edit_many, request_of, score_cases, update_norm
-from core.memit import MemitParams, memit_batch, site_states
+from core.memit import MemitParams, memit_batch, site_states, target_deltas
 from core.requests import read_requests
-from core.rome import RomeHyperParams, compute_key, context_texts, edit_rows, record_rows, validate_request
+from core.rome import (
+    RomeHyperParams,
+    compute_edit,
+    compute_key,
+    context_texts,
+    edit_rows,
+    record_rows,
+    validate_request,
+)
 from core.saving import save_edited_model
 
 TINY = RomeHyperParams(layer=1, context_lengths=((4, 2),), stats_tokens=512, steps=3)
@@ -180,6 +188,40 @@ def test_site_states_equal_the_per_request_keys_and_states(tiny, cases):
         recording = record_rows(tiny, rows, 2)
         expected = torch.stack([recording.hidden[i][0] for i, row in enumerate(rows) if not row.kl]).mean(0)
         torch.testing.assert_close(state, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_memit_targets_found_together_equal_each_fact_alone(tiny, cases):
+    """MEMIT's step 1 puts many facts' rows through each forward pass (core.rome.optimise_values): each delta
+    equals the one its fact gets alone (and ROME's own edit at that layer: delta = v (u . k)), though the
+    facts stop early at different steps, their targets differ in length and the rows go in groups."""
+    requests = [validate_request(tiny, request_of(c)) for c in cases]
+    requests.append(validate_request(tiny, EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")))
+    requests.append(replace(requests[-1], target_new="New York City Hall"))  # a longer target
+    hp = replace(TINY, steps=6, early_stop="none", preserve_weight=0.0)
+    _, paths = target_deltas(tiny, requests, 2, hp, batch_rows=1)
+
+    def stops(threshold):  # the step each fact's run stops at when its NLL must fall below threshold
+        return [next((s + 1 for s, nll in enumerate(p.nll) if nll < threshold), hp.steps) for p in paths]
+
+    candidates = sorted({nll * (1 + 1e-3) for p in paths for nll in p.nll})
+    threshold = next(t for t in candidates if len(set(stops(t))) > 1)
+    stopping = replace(hp, early_stop="nll", early_stop_loss=threshold)
+    alone = [target_deltas(tiny, [r], 2, stopping) for r in requests]
+    together, traces = target_deltas(tiny, requests, 2, stopping)
+    assert [t.steps for t in traces] == [a[1][0].steps for a in alone] == stops(threshold)
+    for (delta, _), found in zip(alone, together):
+        assert float(delta[0].norm()) > 0
+        torch.testing.assert_close(found, delta[0], atol=1e-4, rtol=1e-3)  # float rounding of other batch shapes
+    grouped, _ = target_deltas(
+        tiny,
+        requests,
+        2,
+        stopping,
+        batch_rows=2 * len(edit_rows(tiny, requests[0], context_texts(tiny, TINY.context_lengths))),
+    )
+    torch.testing.assert_close(grouped, together, atol=1e-4, rtol=1e-3)
+    edit = compute_edit(tiny, requests[-1], replace(stopping, layer=2))
+    torch.testing.assert_close(edit.v.float() * (edit.u.float() @ edit.key.float()), together[-1], atol=1e-4, rtol=1e-3)
 
 
 def test_edit_many_command(tiny, tmp_path, capsys):
