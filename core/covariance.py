@@ -1,9 +1,10 @@
 """Key statistics for ROME: C = E[k k^T] of the keys (inputs of the MLP output projection) at one layer.
 
 Computed once per (model, weights, layer, corpus, size) and cached as safetensors under
-`core.models.cache_dir() / "stats" / <model>-<weights fingerprint>`; the corpus is cached there too. Every
-cache file carries a hash of its tensors: a damaged one (truncated, wrong shape, bit rot) is deleted on load
-and computed again. Always computed on the model's unedited weights (`core.edits.unedited`, taken per batch),
+`core.models.cache_dir() / "stats" / <model>-<weights fingerprint>` (`stats_folder`); the corpus is cached
+there too, and so are ROME's context texts and a catalogue's subject keys. Every cache file carries a hash of
+its tensors (core/tensor_cache.py): a damaged one (truncated, wrong shape, bit rot) is deleted on load and
+computed again. Always computed on the model's unedited weights (`core.edits.unedited`, taken per batch),
 and keyed by their fingerprint: statistics asked for in a session that holds an edit equal, bitwise, those
 computed without it, so the cache never carries an edit.
 
@@ -20,7 +21,6 @@ The tokens are capped (MAX_STATS_TOKENS); `statistics_seconds` gives a rough tim
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from collections.abc import Iterator
@@ -28,7 +28,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors.torch
 import torch
 
 from core.edits import unedited
@@ -37,6 +36,7 @@ from core.generation import cache_of
 from core.hooks import Hooks, stop_after
 from core.models import LoadedModel, cache_dir, weights_fingerprint
 from core.progress import Progress, Step, within
+from core.tensor_cache import load_tensors, save_tensors
 
 CORPORA = ("generated", "wikitext", "identity")
 DEFAULT_CORPUS = "generated"
@@ -106,7 +106,7 @@ def generated_corpus(
     length = min(SEQUENCE_LENGTH, tokens)
     sequences = -(-tokens // length)
     path = stats_folder(lm) / f"corpus_generated_{sequences}x{length}_seed{GENERATION_SEED}.safetensors"
-    stored = _load(path, {"input_ids": (sequences, length)})
+    stored = load_tensors(path, {"input_ids": (sequences, length)})
     if stored is not None:
         return stored["input_ids"]
     batch = 64
@@ -120,7 +120,7 @@ def generated_corpus(
             with step():
                 out.append(_sample(lm, ids, length, progress, done_before=first * length, total=sequences * length))
     corpus = torch.cat(out)[:, :length].contiguous().cpu()
-    _save(path, {"input_ids": corpus}, {"corpus": "generated", "seed": str(GENERATION_SEED)})
+    save_tensors(path, {"input_ids": corpus}, {"corpus": "generated", "seed": str(GENERATION_SEED)})
     return corpus
 
 
@@ -170,39 +170,6 @@ def wikitext_corpus(lm: LoadedModel, tokens: int) -> torch.Tensor:
 # --- statistics --------------------------------------------------------------------------------------------
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(name.encode() + b"\0" + tensors[name].detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".partial-{time.time_ns()}")
-    safetensors.torch.save_file(tensors, str(tmp), metadata={**metadata, "sha256": _digest(tensors)})
-    tmp.replace(path)  # atomic: a cache file is never half-written
-
-
-def _load(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor] | None:
-    """A cache file's tensors when it is whole: it opens, holds each name with its shape, and its tensors
-    hash to the digest written with them. A damaged file is deleted (None: compute it again)."""
-    if not path.exists():
-        return None
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            written = (f.metadata() or {}).get("sha256")
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-        if set(tensors) != set(shapes) or any(tuple(tensors[n].shape) != s for n, s in shapes.items()):
-            raise ValueError("unexpected tensors")
-        if written != _digest(tensors):
-            raise ValueError("hash mismatch")
-        return tensors
-    except Exception:  # truncated, not safetensors, wrong content: recompute
-        path.unlink(missing_ok=True)
-        return None
-
-
 def layer_keys(lm: LoadedModel, layer: int, input_ids: torch.Tensor) -> torch.Tensor:
     """The keys (inputs of the MLP output projection) at `layer` for every position: (batch, positions, in),
     running the model only up to that layer."""
@@ -250,7 +217,7 @@ def key_statistics(
         eye = torch.eye(size, device=lm.device)
         return KeyStatistics(layer, corpus, 0, eye, 0, 0.0, cached=True)
     path = stats_path(lm, layer, corpus, tokens)
-    loaded = _load(path, {"mom2": (size, size), "count": ()})
+    loaded = load_tensors(path, {"mom2": (size, size), "count": ()})
     if loaded is not None:
         mom2 = loaded["mom2"].to(lm.device)
         return KeyStatistics(layer, corpus, tokens, mom2, int(loaded["count"]), 0.0, cached=True)
@@ -266,7 +233,7 @@ def key_statistics(
 
     text = generated_corpus(lm, tokens, half, clean_step) if corpus == "generated" else wikitext_corpus(lm, tokens)
     mom2, count = _key_second_moment(lm, layer, text, tokens, second, clean_step)
-    _save(
+    save_tensors(
         path,
         {"mom2": mom2.cpu().contiguous(), "count": torch.tensor(count)},
         {"model": lm.name, "layer": str(layer), "corpus": corpus, "tokens": str(tokens)},

@@ -10,7 +10,7 @@ moved along with "Paris"). With a preserve weight w > 0 the update is solved wit
 (the edited subject itself left out), the constrained least squares of ROME's eq. 2 with the catalogue's keys
 counted among the keys to keep. W' k* = v* still holds exactly; only the direction of u changes.
 
-    keys = subject_keys(lm, layer)                           # cached per model, layer and catalogue
+    keys = subject_keys(lm, layer)                           # cached per weights, layer and catalogue
     c = preserved_moment(stats.mom2, keys, "The Eiffel Tower", weight=1.0)
 
 Keys are computed on the unedited weights (core.edits.unedited), so an edit a session holds never reaches them.
@@ -30,11 +30,12 @@ from pathlib import Path
 
 import torch
 
-from core.covariance import layer_keys
+from core.covariance import layer_keys, stats_folder
 from core.edits import unedited
 from core.facts import DEFAULT_FACTS, load_facts
 from core.models import LoadedModel, cache_dir
 from core.prompts import find_subject_chars
+from core.tensor_cache import load_tensors, save_tensors
 
 
 @dataclass(frozen=True)
@@ -59,25 +60,35 @@ def subject_prefixes(path: str | Path) -> dict[str, str]:
 
 
 def subject_keys(lm: LoadedModel, layer: int, path: str | Path = DEFAULT_FACTS, batch: int = 64) -> SubjectKeys:
-    """The key at each catalogue subject's last token (its prompt up to there, unedited weights)."""
+    """The key at each catalogue subject's last token (its prompt up to there, unedited weights); cached on the
+    model and on disk (`core.covariance.stats_folder`, by layer and the catalogue's content)."""
     path = Path(path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     memo = _CACHE.setdefault(lm.model, {})
-    if (layer, digest) in memo:
-        return memo[(layer, digest)]
+    if (layer, digest, batch) in memo:
+        return memo[(layer, digest, batch)]
     prefixes = subject_prefixes(path)
-    ids = [lm.tokenizer(p).input_ids for p in prefixes.values()]
-    keys = []
-    with unedited(lm):
-        for first in range(0, len(ids), batch):
-            chunk = ids[first : first + batch]
-            width = max(len(i) for i in chunk)
-            # right-padded: a causal model's earlier positions never see the padding after them
-            padded = torch.tensor([i + [i[-1]] * (width - len(i)) for i in chunk])
-            found = layer_keys(lm, layer, padded)
-            keys += [found[row, len(i) - 1].float() for row, i in enumerate(chunk)]
-    result = SubjectKeys(layer, tuple(prefixes), torch.stack(keys))
-    memo[(layer, digest)] = result
+    size = lm.arch.mlp_out_shape(lm.model, layer)[1]
+    # the batch is in the name: padded batches of other widths round differently, and a cache serves bitwise
+    stored_at = stats_folder(lm) / f"subject_keys_layer{layer}_batch{batch}_{digest[:24]}.safetensors"
+    stored = load_tensors(stored_at, {"keys": (len(prefixes), size)})
+    if stored is not None:
+        keys = stored["keys"].to(lm.device)
+    else:
+        ids = [lm.tokenizer(p).input_ids for p in prefixes.values()]
+        found_keys = []
+        with unedited(lm):
+            for first in range(0, len(ids), batch):
+                chunk = ids[first : first + batch]
+                width = max(len(i) for i in chunk)
+                # right-padded: a causal model's earlier positions never see the padding after them
+                padded = torch.tensor([i + [i[-1]] * (width - len(i)) for i in chunk])
+                found = layer_keys(lm, layer, padded)
+                found_keys += [found[row, len(i) - 1].float() for row, i in enumerate(chunk)]
+        keys = torch.stack(found_keys)
+        save_tensors(stored_at, {"keys": keys}, {"layer": str(layer), "catalogue": digest})
+    result = SubjectKeys(layer, tuple(prefixes), keys)
+    memo[(layer, digest, batch)] = result
     return result
 
 

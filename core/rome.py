@@ -38,7 +38,14 @@ from pathlib import Path
 
 import torch
 
-from core.covariance import DEFAULT_CORPUS, DEFAULT_TOKENS, KeyStatistics, key_statistics, statistics_cached
+from core.covariance import (
+    DEFAULT_CORPUS,
+    DEFAULT_TOKENS,
+    KeyStatistics,
+    key_statistics,
+    statistics_cached,
+    stats_folder,
+)
 from core.edit_site import KEY_TOKENS, default_layer, key_offset
 from core.edits import Edit, EditRequest, unedited
 from core.errors import UserError
@@ -50,6 +57,7 @@ from core.models import LoadedModel
 from core.preserve import preserved_moment, subject_keys
 from core.progress import Progress, Step
 from core.prompts import find_subject_chars, subject_span, target_ids
+from core.tensor_cache import load_tensors, save_tensors
 
 CONTEXT_PREFIXES = ("The", "Therefore", "Because", "I", "You")
 EARLY_STOPS = ("nll", "loss", "none")
@@ -145,19 +153,28 @@ def context_texts(
     key = (tuple(lengths), seed)
     if key in memo:
         return memo[key]
-    ids: list[tuple[int, ...]] = [()]
-    texts = [""]
-    period = lm.tokenizer(".")["input_ids"]
-    with unedited(lm):
-        for i, (length, count) in enumerate(lengths):
-            per_prefix = -(-count // len(CONTEXT_PREFIXES))
-            prompts = [lm.tokenizer(p)["input_ids"] for p in CONTEXT_PREFIXES for _ in range(per_prefix)][:count]
-            settings = GenerationSettings(max_new_tokens=length, sample=True, seed=seed + i, top_k=5)
-            new = generate_ids(lm, prompts, settings, exact_length=True)
-            for prompt, sampled in zip(prompts, new):
-                ids.append(tuple(prompt + sampled + period))
-                texts.append(lm.tokenizer.decode(prompt + sampled + period))
-    contexts = Contexts(tuple(ids), tuple(texts))
+    count = sum(c for _, c in lengths)
+    name = "_".join(f"{length}x{c}" for length, c in lengths)
+    path = stats_folder(lm) / f"contexts_{name}_seed{seed}_{lm.device.type}.safetensors"
+    stored = load_tensors(path, {"ids": (None,), "lengths": (count,)})
+    if stored is not None:
+        flat, sizes = stored["ids"].tolist(), stored["lengths"].tolist()
+        ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+        ids = [()] + [tuple(flat[end - size : end]) for end, size in zip(ends, sizes)]
+    else:
+        ids = [()]
+        period = lm.tokenizer(".")["input_ids"]
+        with unedited(lm):
+            for i, (length, n) in enumerate(lengths):
+                per_prefix = -(-n // len(CONTEXT_PREFIXES))
+                prompts = [lm.tokenizer(p)["input_ids"] for p in CONTEXT_PREFIXES for _ in range(per_prefix)][:n]
+                settings = GenerationSettings(max_new_tokens=length, sample=True, seed=seed + i, top_k=5)
+                new = generate_ids(lm, prompts, settings, exact_length=True)
+                ids += [tuple(prompt + sampled + period) for prompt, sampled in zip(prompts, new)]
+        flat = [token for row in ids for token in row]
+        lengths_ = torch.tensor([len(row) for row in ids[1:]], dtype=torch.long)
+        save_tensors(path, {"ids": torch.tensor(flat, dtype=torch.long), "lengths": lengths_})
+    contexts = Contexts(tuple(ids), ("",) + tuple(lm.tokenizer.decode(list(row)) for row in ids[1:]))
     memo[key] = contexts
     return contexts
 

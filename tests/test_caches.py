@@ -1,5 +1,6 @@
 """Damaged caches are found on load and rebuilt; killed writes' partial files are swept; every cache key holds
-the weights' fingerprint. Tiny models, a throwaway cache folder."""
+the weights' fingerprint; what is cached per weights comes back from disk in a fresh process. Tiny models, a
+throwaway cache folder."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ from dataclasses import replace
 import pytest
 import torch
 
+from core import preserve, rome
 from core.covariance import key_statistics, stats_folder, stats_path
+from core.edits import EditRequest, applied
 from core.models import read_model_folder, save_model_folder, sweep_partials, weights_fingerprint
+from core.preserve import subject_keys
+from core.rome import RomeHyperParams, compute_edit, context_texts
 from core.tiny import tiny_model
 
 
@@ -110,3 +115,43 @@ def test_every_models_cache_key_holds_its_weights(tokenizer):
     with torch.no_grad():
         a.arch.mlp_out_weight(a.model, 2)[0, 0] += 1.0  # an edit
     assert weights_fingerprint(a) != before
+
+
+def test_context_texts_and_subject_keys_come_back_from_disk(tokenizer, monkeypatch):
+    """A second process (here: a second copy of the same weights, its in-memory caches empty) reads ROME's
+    context texts and a catalogue's subject keys from disk, bitwise, without running the model, though the
+    first copy held an edit when it computed them: they are filed under the unedited weights."""
+    lengths = ((3, 2), (5, 3))
+    first = tiny_model("llama", tokenizer)
+    edit = compute_edit(
+        first,
+        EditRequest("{} is in", "Paris", "Rome"),
+        RomeHyperParams(layer=1, steps=2, stats_tokens=64, preserve_weight=0.0),
+    )
+    with applied(first, [edit]):
+        contexts = context_texts(first, lengths, seed=3)
+        keys = subject_keys(first, 1)
+    assert len(contexts.ids) == 1 + 2 + 3 and list(stats_folder(first).glob("contexts_3x2_5x3_seed3_*"))
+    assert list(stats_folder(first).glob("subject_keys_layer1_*"))
+
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("computed again instead of read from disk")
+
+    monkeypatch.setattr(rome, "generate_ids", no_model_work)
+    monkeypatch.setattr(preserve, "layer_keys", no_model_work)
+    second = tiny_model("llama", tokenizer)
+    again = context_texts(second, lengths, seed=3)
+    assert again == contexts
+    read = subject_keys(second, 1)
+    assert read.names == keys.names and torch.equal(read.keys, keys.keys)
+    with pytest.raises(AssertionError, match="computed again"):
+        context_texts(second, lengths, seed=4)  # another seed: not on disk
+
+
+def test_damaged_context_texts_are_sampled_again(tokenizer):
+    lm = tiny_model("gpt2", tokenizer)
+    contexts = context_texts(lm, ((4, 3),), seed=0)
+    path = next(stats_folder(lm).glob("contexts_4x3_seed0_*"))
+    damage(path, "flipped")
+    assert context_texts(tiny_model("gpt2", tokenizer), ((4, 3),), seed=0) == contexts  # seeded: the same again
+    assert path.exists()  # written again, whole
