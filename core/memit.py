@@ -135,9 +135,10 @@ def target_deltas(
 ) -> tuple[torch.Tensor, list[ValueTrace]]:
     """Step 1 for checked requests (`core.rome.validate_request`): each one's delta at block `layer`'s output,
     ROME's value optimisation (`core.rome.optimise_values`) on the model as it is, float32 (n, hidden), and
-    how each optimisation went. The
-    requests go `batch_rows` prompt rows at a time through each forward pass. Progress: requests done, a
-    group's share counted as its steps pass."""
+    how each optimisation went. The requests go `batch_rows` prompt rows at a time (at least one request)
+    through each forward pass. Progress: requests done, a group's share counted as its steps pass."""
+    if not requests:
+        return torch.zeros(0, lm.hidden_size, device=lm.device), []
     contexts = context_texts(lm, hp.context_lengths, hp.seed)
     per_request = [edit_rows(lm, r, contexts, key_offset(lm, r, layer, hp.key_token)) for r in requests]
     groups: list[list[int]] = [[]]

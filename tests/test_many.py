@@ -220,6 +220,8 @@ def test_memit_targets_found_together_equal_each_fact_alone(tiny, cases):
         batch_rows=2 * len(edit_rows(tiny, requests[0], context_texts(tiny, TINY.context_lengths))),
     )
     torch.testing.assert_close(grouped, together, atol=1e-4, rtol=1e-3)
+    none, no_traces = target_deltas(tiny, [], 2, stopping)
+    assert none.shape == (0, tiny.hidden_size) and no_traces == []
     edit = compute_edit(tiny, requests[-1], replace(stopping, layer=2))
     torch.testing.assert_close(edit.v.float() * (edit.u.float() @ edit.key.float()), together[-1], atol=1e-4, rtol=1e-3)
 
