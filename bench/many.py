@@ -40,10 +40,9 @@ from core.counterfact import PROJECT_FILE, CounterFactCase, load_counterfact
 from core.edits import applied, import_edits
 from core.facts import DEFAULT_FACTS, load_facts
 from core.many import ManyParams, edit_many, generation_efficacy, request_of, score_cases, update_norm
-from core.memit import VALUE_SETTINGS, default_layers, memit_batch, target_deltas
+from core.memit import VALUE_BATCH_ROWS, VALUE_SETTINGS, default_layers, memit_batch, target_deltas
 from core.models import load_model
 from core.prompts import find_subject_chars
-from core.rome import validate_request
 
 COLUMNS = (
     "method",
@@ -173,13 +172,12 @@ def time_batch(lm, cases: list[CounterFactCase], json_out: str | None) -> None:
     started = time.perf_counter()
     batch = memit_batch(lm, requests)
     whole = time.perf_counter() - started
-    checked = [validate_request(lm, r) for r in requests]
     last = default_layers(lm)[-1]
     timed = {}
-    for name, rows in (("alone", 1), ("together", None)):
+    for name, rows in (("alone", 1), ("together", VALUE_BATCH_ROWS)):
         started = time.perf_counter()
-        found = target_deltas(lm, checked, last, VALUE_SETTINGS, **({"batch_rows": rows} if rows else {}))
-        timed[name] = (time.perf_counter() - started, found[0])
+        found, _ = target_deltas(lm, batch.requests, last, VALUE_SETTINGS, batch_rows=rows)
+        timed[name] = (time.perf_counter() - started, found)
     difference = ((timed["alone"][1] - timed["together"][1]).norm(dim=1) / timed["alone"][1].norm(dim=1)).max()
     result = {
         "facts": len(requests),

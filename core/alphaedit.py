@@ -85,7 +85,8 @@ class AlphaEditor:
     def compute(self, request: EditRequest) -> Edit:
         lm = self.lm
         layer = default_layer(lm) if self.rome.layer is None else self.rome.layer
-        rome_edit = compute_edit(lm, request, replace(self.rome, layer=layer))
+        # only ROME's key and value are used (u is solved here), so ROME's preserved subject keys are not needed
+        rome_edit = compute_edit(lm, request, replace(self.rome, layer=layer, preserve_weight=0.0))
         key = rome_edit.key.float()
         residual = rome_edit.v.float() * (rome_edit.u.float() @ key)  # wanted change of W's output at k*
         projector = null_projector(lm, layer, self.rome, self.params)

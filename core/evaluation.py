@@ -425,7 +425,7 @@ def case_texts(cases: Sequence[CounterFactCase]) -> list[str]:
     """Every prompt the cases measure with (rewrite, paraphrase, neighbourhood, attribute, generation)."""
     texts = []
     for c in cases:
-        texts += [c.prompt.replace("{}", c.subject), *c.paraphrase_prompts, *c.neighborhood_prompts]
+        texts += [c.text, *c.paraphrase_prompts, *c.neighborhood_prompts]
         texts += [*c.attribute_prompts, *c.generation_prompts]
     return texts
 

@@ -142,10 +142,13 @@ def target_deltas(
     contexts = context_texts(lm, hp.context_lengths, hp.seed)
     per_request = [edit_rows(lm, r, contexts, key_offset(lm, r, layer, hp.key_token)) for r in requests]
     groups: list[list[int]] = [[]]
+    filled = 0  # rows in the last group
     for i, rows in enumerate(per_request):
-        if groups[-1] and sum(len(per_request[j]) for j in groups[-1]) + len(rows) > batch_rows:
+        if groups[-1] and filled + len(rows) > batch_rows:
             groups.append([])
+            filled = 0
         groups[-1].append(i)
+        filled += len(rows)
     deltas: list[torch.Tensor] = []
     traces: list[ValueTrace] = []
     for group in groups:

@@ -34,6 +34,7 @@ import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -158,9 +159,8 @@ def context_texts(
     path = stats_folder(lm) / f"contexts_{name}_seed{seed}_{lm.device.type}.safetensors"
     stored = load_tensors(path, {"ids": (None,), "lengths": (count,)})
     if stored is not None:
-        flat, sizes = stored["ids"].tolist(), stored["lengths"].tolist()
-        ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
-        ids = [()] + [tuple(flat[end - size : end]) for end, size in zip(ends, sizes)]
+        rows = torch.split(stored["ids"], stored["lengths"].tolist())
+        ids = [()] + [tuple(row.tolist()) for row in rows]
     else:
         ids = [()]
         period = lm.tokenizer(".")["input_ids"]
@@ -402,7 +402,7 @@ def value_batch(
             }
         )
     device = lm.device
-    as_tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
+    as_tensor = partial(torch.tensor, device=device)
     at = [as_tensor([t - rows[i].key_position for t in rows[i].target_positions]) for i in rewrite]
     wanted = [as_tensor(targets[owners[i]]) for i in rewrite]
     return ValueBatch(
@@ -441,7 +441,10 @@ def value_losses(
     picked = torch.log_softmax(logits, dim=-1).gather(-1, batch.targets[..., None])[..., 0]
     mask = batch.target_mask.to(picked.dtype)
     row_nll = -(picked * mask).sum(dim=1) / mask.sum(dim=1)
-    per_request = lambda values, owners: values.new_zeros(batch.requests).index_add(0, owners, values)  # noqa: E731
+
+    def per_request(values: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:  # summed per request
+        return values.new_zeros(batch.requests).index_add(0, owners, values)
+
     owners = batch.owners[batch.rewrite]
     counts = per_request(torch.ones_like(row_nll), owners).clamp(min=1)
     nll = per_request(row_nll, owners) / counts
