@@ -11,8 +11,11 @@ measured). `curve` builds sequential edits from data/known_facts.json (each fact
 next different object of the same relation; neighbourhood prompts: other facts of the relation with the same
 true object) and prints the curve of ROME and AlphaEdit: efficacy of all edits so far, neighbourhood,
 fluency, norm of the accumulated update. The file has 409 facts: `--limit` above that cycles through them
-again with the object after that (re-editing edited facts). `--time-budget S`: each method stops starting
-edits after S seconds and is measured over the cases it saw.
+again with the object after that (re-editing edited facts: the scores count each fact's latest edit).
+`--time-budget S`: each method stops starting edits after S seconds and is measured over the cases it saw.
+`--checkpoint DIR`: each method's run is kept in DIR/METHOD after every curve point (core.checkpoint), and
+the same command goes on from there: the curve to 1,000 edits can be drawn over several processes, machines
+or days (bench/results/curve_known_*_cpu holds this project's).
 
 `batch` times one MEMIT batch of the project's cases (statistics cached first), then MEMIT's step 1 alone two
 ways in the same run: each fact's value optimisation alone (`batch_rows=1`, the naive reference) and many facts
@@ -123,6 +126,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds per method (core.many)")
+    parser.add_argument("--checkpoint", metavar="DIR", help="curve/table: keep each method's run in DIR/METHOD")
     parser.add_argument("--json", dest="json_out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -158,7 +162,10 @@ def main() -> None:
     results = {}
     for method in methods:
         params = ManyParams(method=method, curve_every=args.every, time_budget=args.time_budget)
-        result, _ = edit_many(lm, cases, params, on_point=lambda p, m=method: print(m, p, flush=True))
+        folder = Path(args.checkpoint) / method if args.checkpoint else None
+        result, _ = edit_many(
+            lm, cases, params, on_point=lambda p, m=method: print(m, p, flush=True), checkpoint=folder
+        )
         results[method] = to_jsonable(result.to_json())
         if args.json_out:  # after each method, so a stopped run keeps the finished ones
             Path(args.json_out).write_text(json.dumps(results, indent=1) + "\n")

@@ -14,6 +14,8 @@ For one edit at layer l, with key k and wanted change r of the MLP output at k (
 
 The update is still rank one, Delta = r u'^T with u' = (P (Kp Kp^T + k k^T) + l2 I)^-1 P k (A^-T, since
 P is symmetric), so it is stored as an ordinary `Edit` (core.edits): apply, undo, export and save unchanged.
+`projected_solve` solves several new keys together (the paper's own setting, on MEMIT's layers: core.memit
+with `MemitParams.null_space`).
 """
 
 from __future__ import annotations
@@ -62,14 +64,14 @@ def null_projector(lm: LoadedModel, layer: int, rome: RomeHyperParams, params: A
     return memo[key]
 
 
-def projected_update(
-    key: torch.Tensor, residual: torch.Tensor, projector: torch.Tensor, earlier_keys: torch.Tensor, l2: float
-) -> torch.Tensor:
-    """u' (in,) such that Delta = residual u'^T is the paper's solution for one key (float32)."""
-    k = key.float()
-    covered = earlier_keys.float().T @ earlier_keys.float() + torch.outer(k, k)
-    a = projector @ covered + l2 * torch.eye(k.shape[0], device=k.device)
-    return torch.linalg.solve(a, projector @ k)
+def projected_solve(keys: torch.Tensor, projector: torch.Tensor, earlier_keys: torch.Tensor, l2: float) -> torch.Tensor:
+    """U (n, in) such that Delta = R^T U, i.e. sum_i r_i u_i^T, is the paper's solution for the new keys
+    `keys` (n, in) and residuals R (n, out) solved together: Delta = R^T K P (Kp^T Kp P + K^T K P + l2 I)^-1
+    (keys as rows; float32). u_i = A^-T P k_i with A = M P + l2 I, M = Kp^T Kp + K^T K: A^T = P M + l2 I."""
+    k = keys.float()
+    covered = earlier_keys.float().T @ earlier_keys.float() + k.T @ k
+    a = projector @ covered + l2 * torch.eye(k.shape[1], device=k.device)
+    return torch.linalg.solve(a, projector @ k.T).T
 
 
 class AlphaEditor:
@@ -92,7 +94,7 @@ class AlphaEditor:
         projector = null_projector(lm, layer, self.rome, self.params)
         earlier = self.keys.get(layer, [])
         earlier_keys = torch.stack(earlier) if earlier else key.new_zeros(0, key.shape[0])
-        u = projected_update(key, residual, projector, earlier_keys, self.params.l2)
+        u = projected_solve(key[None], projector, earlier_keys, self.params.l2)[0]
         reached = float(u @ key)  # share of the residual the projected update gives at k*
         value = rome_edit.value.float() - residual + residual * reached
         info = {

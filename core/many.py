@@ -6,9 +6,12 @@ does in the app. After every `curve_every` edits, the scores over *all* edits so
 neighbourhood; core.evaluation's definitions), fluency on a fixed sample of generation prompts and the norm
 of the accumulated update make one point of the `curve`. At the end every score is measured over all
 edits, fluency over every case's generation prompts, next to the unedited model's fluency on the same
-prompts and seeds. With a `time_budget`, no edit (or batch) starts after that many seconds: the result covers
-the cases seen by then (`cases`), with a last curve point there, fluency on their prompts only.
-ROME's preserved-subjects catalogue (core/preserve.py) is held out from every case given (core.evaluation.held_out).
+prompts and seeds. A case that edits again a subject in a prompt an earlier case edited supersedes it: the
+scores count each fact's latest edit (`current_facts`). With a `time_budget`, no edit (or batch) starts after
+that many seconds of this process's work: the result covers the cases seen by then (`cases`), with a last
+curve point there, fluency on their prompts only; with a checkpoint folder (core.checkpoint) the next process
+goes on from there. ROME's preserved-subjects catalogue (core/preserve.py) is held out from every case given
+(core.evaluation.held_out).
 
 The model is left as it was (bitwise); the edits come back in the result, ready for core.saving or export.
 """
@@ -19,11 +22,13 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from core.alphaedit import AlphaEditor, AlphaEditParams
+from core.checkpoint import RunState, read_checkpoint, run_id, write_checkpoint
 from core.counterfact import CounterFactCase
 from core.edits import Edit, EditRequest, EditStack
 from core.errors import UserError
@@ -50,7 +55,7 @@ class ManyParams:
     fluency_tokens: int = 40  # tokens sampled per generation prompt (0: no fluency)
     text_scores: bool = True  # generation efficacy (greedy continuations) at every curve point and at the end
     seed: int = 0
-    time_budget: float | None = None  # seconds: start no edit (or batch) after this; the rest are not seen
+    time_budget: float | None = None  # seconds of this process: start no edit (or batch) after; the rest wait
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -184,6 +189,14 @@ def generation_efficacy(lm: LoadedModel, cases: Sequence[CounterFactCase]) -> fl
     return float(np.mean([np.mean(v) for v in per_case.values()]))
 
 
+def keys_by_layer(edits: Sequence[Edit]) -> dict[int, torch.Tensor]:
+    """The edits' keys, stacked per layer (float32)."""
+    keys: dict[int, list[torch.Tensor]] = {}
+    for edit in edits:
+        keys.setdefault(edit.layer, []).append(edit.key.float())
+    return {layer: torch.stack(k) for layer, k in keys.items()}
+
+
 def update_norm(edits: Sequence[Edit]) -> float:
     """Frobenius norm of the summed change of every edited matrix."""
     total: dict[int, torch.Tensor] = {}
@@ -227,24 +240,45 @@ class _Curve:
             self.point(applied_cases, seen, edits)
 
 
+def current_facts(cases: Sequence[CounterFactCase]) -> list[CounterFactCase]:
+    """The cases in order, less each one a later case supersedes: an edit of the same subject in the same
+    prompt replaces the earlier edit's fact, so only the latest counts in the scores."""
+    latest = {(c.subject, c.prompt): i for i, c in enumerate(cases)}
+    return [c for i, c in enumerate(cases) if latest[(c.subject, c.prompt)] == i]
+
+
+def run_settings(params: ManyParams) -> dict:
+    """What makes two runs the same run (a checkpoint's identity, core.checkpoint): every setting but the
+    time budget, which only says when a process stops."""
+    return asdict(replace(params, time_budget=None))
+
+
 def edit_many(
     lm: LoadedModel,
     cases: Sequence[CounterFactCase],
     params: ManyParams | None = None,
     progress: Progress | None = None,
     on_point: Callable[[CurvePoint], None] | None = None,
+    checkpoint: str | Path | None = None,
 ) -> tuple[ManyResult, list[Edit]]:
     """Apply every case's edit with `params.method` (see the module docstring), measure, put the model back.
     Cases the model cannot be edited for (e.g. it already answers the new object) are skipped and listed.
-    `on_point` is called with each curve point as soon as it is measured."""
+    `on_point` is called with each curve point as soon as it is measured. With a `checkpoint` folder the run
+    is written there after every curve point (core.checkpoint), and a run given a folder that holds its
+    own earlier, stopped self goes on from there: its edits are applied again, its curve and timings kept."""
     params = params or ManyParams()
     params.check()
     if not cases:
         raise UserError("there are no cases to edit")
+    identity = run_id(run_settings(params), [(c.case_id, c.prompt, c.subject, c.target_new) for c in cases])
+    resumed = read_checkpoint(checkpoint, identity, lm) if checkpoint is not None else None
     if params.method == "rome":  # its catalogue held out from what is measured (core.evaluation.held_out)
         params = replace(params, rome=held_out(params.rome or RomeHyperParams(), cases))
-    started = time.perf_counter()
-    flu_unedited = fluency(lm, cases, params.fluency_tokens, params.seed)
+    run_started = time.perf_counter()
+    earlier_seconds = resumed[0].seconds if resumed else 0.0
+    started = run_started - earlier_seconds  # curve and result times count every process's
+    flu_unedited = resumed[0].fluency_unedited if resumed else fluency(lm, cases, params.fluency_tokens, params.seed)
+    flu_unedited = math.nan if flu_unedited is None else flu_unedited
     curve = _Curve(lm, cases, params, started, on_point)
     stack = EditStack(lm)
     applied_cases: list[CounterFactCase] = []
@@ -252,16 +286,50 @@ def edit_many(
     edit_seconds = 0.0
     tick = progress or (lambda done, total: None)
     seen = 0
+    editor = AlphaEditor(lm, params.rome, params.alphaedit) if params.method == "alphaedit" else None
 
     def out_of_time() -> bool:
-        return params.time_budget is not None and time.perf_counter() - started > params.time_budget
+        return params.time_budget is not None and time.perf_counter() - run_started > params.time_budget
+
+    def save() -> None:
+        if checkpoint is None:
+            return
+        state = RunState(
+            run=identity,
+            model=lm.name,
+            seen=seen,
+            edits=len(stack.edits),
+            applied=[c.case_id for c in applied_cases],
+            skipped=skipped,
+            curve=[asdict(p) for p in curve.points],
+            edit_seconds=edit_seconds,
+            seconds=time.perf_counter() - started,
+            fluency_unedited=None if math.isnan(flu_unedited) else flu_unedited,
+        )
+        write_checkpoint(checkpoint, state, stack.edits)
+
+    def measure(last: bool = False) -> None:
+        (curve.last_point if last else curve.point)(current_facts(applied_cases), seen, stack.edits)
+        save()
 
     try:
+        if resumed:
+            state, edits = resumed
+            by_id = {c.case_id: c for c in cases}
+            for edit in edits:
+                stack.apply(edit)
+                if editor:
+                    editor.remember(edit)
+            applied_cases = [by_id[i] for i in state.applied]
+            skipped, seen, edit_seconds = state.skipped, state.seen, state.edit_seconds
+            curve.points = [CurvePoint(**p) for p in state.curve]
+            tick(seen, len(cases))
+        first = seen  # this process's first case
         if params.method in SEQUENTIAL:
-            editor = AlphaEditor(lm, params.rome, params.alphaedit) if params.method == "alphaedit" else None
-            for i, case in enumerate(cases):
-                if i and out_of_time():
-                    curve.last_point(applied_cases, seen, stack.edits)
+            for i in range(first, len(cases)):
+                case = cases[i]
+                if i > first and out_of_time():
+                    measure(last=True)
                     break
                 t0 = time.perf_counter()
                 try:
@@ -279,13 +347,13 @@ def edit_many(
                 edit_seconds += time.perf_counter() - t0
                 seen = i + 1
                 if seen % params.curve_every == 0 or seen == len(cases):
-                    curve.point(applied_cases, seen, stack.edits)
+                    measure()
                 tick(seen, len(cases))
         else:
             size = params.batch_size or len(cases)
-            for start in range(0, len(cases), size):
-                if start and out_of_time():
-                    curve.last_point(applied_cases, seen, stack.edits)
+            for start in range(first, len(cases), size):
+                if start > first and out_of_time():
+                    measure(last=True)
                     break
                 chunk = cases[start : start + size]
                 t0 = time.perf_counter()
@@ -295,6 +363,7 @@ def edit_many(
                     params.rome,
                     params.memit,
                     progress=None if size < len(cases) else tick,
+                    earlier_keys=keys_by_layer(stack.edits) if params.memit.null_space else None,
                 )
                 for edit in batch.edits:
                     stack.apply(edit)
@@ -303,11 +372,12 @@ def edit_many(
                 edit_seconds += time.perf_counter() - t0
                 seen = start + len(chunk)
                 if seen // params.curve_every > start // params.curve_every or seen == len(cases):
-                    curve.point(applied_cases, seen, stack.edits)
+                    measure()
                 if size < len(cases):
                     tick(seen, len(cases))
-        final = score_cases(lm, applied_cases).means()
-        gen = generation_efficacy(lm, applied_cases) if params.text_scores else math.nan
+        facts = current_facts(applied_cases)
+        final = score_cases(lm, facts).means()
+        gen = generation_efficacy(lm, facts) if params.text_scores else math.nan
         flu = fluency(lm, cases[:seen], params.fluency_tokens, params.seed)
         edits = list(stack.edits)
     finally:

@@ -11,13 +11,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from core.__main__ import main
-from core.alphaedit import AlphaEditParams, null_projector, projected_update
+from core.alphaedit import AlphaEditParams, null_projector, projected_solve
 from core.counterfact import PROJECT_FILE, load_counterfact
 from core.covariance import key_statistics
-from core.edits import EditRequest, applied
+from core.edits import EditRequest, applied, export_edits
 from core.errors import UserError
 from core.evaluation import held_out
-from core.many import ManyParams, edit_many, request_of, score_cases, update_norm
+from core.many import ManyParams, current_facts, edit_many, request_of, score_cases, update_norm
 from core.memit import MemitParams, memit_batch, site_states, target_deltas
 from core.requests import read_requests
 from core.rome import (
@@ -48,7 +48,7 @@ def weights(lm):
     return {n: p.detach().clone() for n, p in lm.model.named_parameters()}
 
 
-def test_projected_update_is_the_papers_formula():
+def test_projected_solve_is_the_papers_formula():
     """Delta = r k^T P (Kp Kp^T P + k k^T P + I)^-1 (AlphaEdit eq. 14), written out with a matrix inverse."""
     torch.manual_seed(0)
     d, out = 12, 5
@@ -64,14 +64,20 @@ def test_projected_update_is_the_papers_formula():
         @ projector
         @ torch.linalg.inv(kp.T @ kp @ projector + torch.outer(k, k) @ projector + torch.eye(d, dtype=torch.float64))
     )
-    u = projected_update(k.float(), r.float(), projector.float(), kp.float(), l2=1.0)
+    u = projected_solve(k[None].float(), projector.float(), kp.float(), l2=1.0)[0]
     torch.testing.assert_close(torch.outer(r.float(), u), naive.float(), atol=1e-4, rtol=1e-4)
     # the update only moves keys through the null space: a key orthogonal to it is left alone
     preserved = basis[:, 6].float()
     assert abs(float(u @ preserved)) < 1e-5
     # earlier keys in the constraint keep their outputs far better than without them
-    u_free = projected_update(k.float(), r.float(), projector.float(), kp[:0].float(), l2=1.0)
+    u_free = projected_solve(k[None].float(), projector.float(), kp[:0].float(), l2=1.0)[0]
     assert (u @ kp.T.float()).norm() < 0.5 * (u_free @ kp.T.float()).norm()
+    # several new keys solved together (MEMIT's layers): Delta = R^T K P (Kp^T Kp P + K^T K P + l2 I)^-1
+    keys, residuals = torch.randn(3, d, dtype=torch.float64), torch.randn(3, out, dtype=torch.float64)
+    inner = kp.T @ kp @ projector + keys.T @ keys @ projector + 0.1 * torch.eye(d, dtype=torch.float64)
+    naive = residuals.T @ keys @ projector @ torch.linalg.inv(inner)
+    us = projected_solve(keys.float(), projector.float(), kp.float(), l2=0.1)
+    torch.testing.assert_close(residuals.float().T @ us, naive.float(), atol=1e-4, rtol=1e-4)
 
 
 def test_null_projector_is_a_projector_onto_the_weak_keys(tiny):
@@ -162,6 +168,86 @@ def test_time_budget_stops_after_the_edits_started_in_time(tiny, cases, method, 
         edit_many(tiny, cases, replace(params, time_budget=-1.0))
 
 
+def same_edits(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.request == y.request and x.layer == y.layer
+        assert torch.equal(x.u, y.u) and torch.equal(x.v, y.v) and torch.equal(x.key, y.key)
+
+
+@pytest.mark.parametrize("method, batch", [("rome", None), ("alphaedit", None), ("memit", 1)])
+def test_a_stopped_run_resumes_from_its_checkpoint(tiny, cases, tmp_path, method, batch):
+    """A run stopped by its time budget after one edit, then given its checkpoint folder again, ends with the
+    same edits (bitwise), scores and curve points as a run that never stopped; the stopped process's extra
+    last point stays in the curve. The model is put back bitwise each time."""
+    memit = MemitParams(layers=(1, 2), mom2_weight=10.0)
+    params = ManyParams(method=method, rome=TINY, fluency_tokens=5, memit=memit, curve_every=2, batch_size=batch)
+    before = weights(tiny)
+    whole, whole_edits = edit_many(tiny, cases, params)
+    folder = tmp_path / "run"
+    stopped, _ = edit_many(tiny, cases, replace(params, time_budget=0.0), checkpoint=folder)
+    assert stopped.cases == 1 and [p.cases for p in stopped.curve] == [1]
+    assert all(torch.equal(p, before[n]) for n, p in tiny.model.named_parameters())
+    ticks = []
+    resumed, edits = edit_many(tiny, cases, params, progress=lambda done, total: ticks.append(done), checkpoint=folder)
+    assert all(torch.equal(p, before[n]) for n, p in tiny.model.named_parameters())
+    assert ticks[0] == 1 and ticks[-1] == len(cases)  # the progress starts where the stopped run ended
+    same_edits(edits, whole_edits)
+    assert [p.cases for p in resumed.curve] == [1, 2, 4]
+    for mine, theirs in zip(resumed.curve[1:], whole.curve):
+        for key in ("edits", "efficacy", "neighborhood", "generation_efficacy", "fluency", "update_norm"):
+            assert getattr(mine, key) == pytest.approx(getattr(theirs, key), abs=1e-6), key
+    for key in ("n", "skipped", "efficacy", "paraphrase", "neighborhood", "generation_efficacy", "fluency"):
+        assert getattr(resumed, key) == pytest.approx(getattr(whole, key), abs=1e-6, nan_ok=True), key
+    assert resumed.fluency_unedited == pytest.approx(whole.fluency_unedited)
+    assert resumed.seconds >= stopped.seconds and resumed.edit_seconds >= stopped.edit_seconds
+    # a finished run's folder gives the finished result again, without editing anything
+    again, again_edits = edit_many(tiny, cases, params, checkpoint=folder)
+    same_edits(again_edits, whole_edits)
+    assert [p.cases for p in again.curve] == [1, 2, 4] and again.edit_seconds == resumed.edit_seconds
+    assert again.efficacy == pytest.approx(whole.efficacy) and again.neighborhood == pytest.approx(whole.neighborhood)
+
+
+def test_a_checkpoint_of_another_run_is_refused(tiny, cases, tmp_path):
+    """Other settings, other cases or a damaged state: one clear message, the model unchanged; a crash
+    between the edits file and the state (edits written, state not) resumes from the state's edits."""
+    params = ManyParams(method="rome", rome=TINY, fluency_tokens=0, text_scores=False, curve_every=1)
+    folder = tmp_path / "run"
+    edit_many(tiny, cases[:2], replace(params, time_budget=0.0), checkpoint=folder)
+    before = weights(tiny)
+    with pytest.raises(UserError, match="another run"):
+        edit_many(tiny, cases[:2], replace(params, method="alphaedit"), checkpoint=folder)
+    with pytest.raises(UserError, match="another run"):
+        edit_many(tiny, cases[1:3], params, checkpoint=folder)
+    assert all(torch.equal(p, before[n]) for n, p in tiny.model.named_parameters())
+    state = json.loads((folder / "state.json").read_text())
+    # edits written by a later point whose state never got written: the state's first edit is what counts
+    _, two = edit_many(tiny, cases[:2], params)
+    export_edits(two, folder / "edits.safetensors")
+    result, edits = edit_many(tiny, cases[:2], params, checkpoint=folder)
+    same_edits(edits, two)
+    assert result.n == 2
+    (folder / "state.json").write_text(json.dumps({**state, "seen": "many"})[:-5])
+    with pytest.raises(UserError, match="damaged"):
+        edit_many(tiny, cases[:2], params, checkpoint=folder)
+
+
+def test_a_later_edit_of_the_same_fact_supersedes_the_earlier(tiny, cases):
+    """Editing a fact again (same subject and prompt, another object): the scores count the latest edit only,
+    as if the earlier case were not in the set (with both edits applied)."""
+    params = ManyParams(method="rome", rome=TINY, fluency_tokens=0, text_scores=False, curve_every=10)
+    again = replace(cases[0], case_id="again", target_new=cases[1].target_new)
+    if again.target_new == cases[0].target_new:
+        again = replace(again, target_new=cases[2].target_new)
+    result, edits = edit_many(tiny, [*cases[:3], again], params)
+    assert result.skipped == 0 and len(edits) == 4
+    with applied(tiny, edits):
+        expected = score_cases(tiny, [*cases[1:3], again]).means()
+    assert result.efficacy == pytest.approx(expected["efficacy"])
+    assert result.neighborhood == pytest.approx(expected["neighborhood"])
+    assert current_facts([*cases[:3], again]) == [*cases[1:3], again]
+
+
 def test_memit_update_is_the_least_squares_solution(tiny, cases):
     """Each layer's summed edits equal R K^T (lambda C + K K^T)^-1 with the batch's own keys and residuals."""
     params = ManyParams(method="memit", rome=TINY, fluency_tokens=0, memit=MemitParams(layers=(1, 2), mom2_weight=10.0))
@@ -174,6 +260,29 @@ def test_memit_update_is_the_least_squares_solution(tiny, cases):
         naive = residual.T @ keys @ torch.linalg.inv(10.0 * c + keys.T @ keys)
         summed = sum(e.delta().double() for e in mine)
         torch.testing.assert_close(summed, naive, atol=1e-4, rtol=1e-3)
+
+
+def test_memit_null_space_batches_are_alphaedits_formula(tiny, cases):
+    """MEMIT with AlphaEdit's solve, batches of 1 one after another: each fact's update at each layer is
+    r k^T P (Kp Kp^T P + k k^T P + l2 I)^-1 with Kp the keys of the facts edited before it at that layer, and
+    it leaves every key outside the null space alone: Delta (I - P) = 0."""
+    null_space = AlphaEditParams(l2=0.1)
+    memit = MemitParams(layers=(1, 2), null_space=null_space)
+    params = ManyParams(method="memit", rome=TINY, fluency_tokens=0, text_scores=False, memit=memit, batch_size=1)
+    result, edits = edit_many(tiny, cases[:3], params)
+    assert result.skipped == 0 and len(edits) == 6
+    for layer in (1, 2):
+        mine = [e for e in edits if e.layer == layer]
+        projector = null_projector(tiny, layer, TINY, null_space).double()
+        eye = torch.eye(projector.shape[0], dtype=torch.float64)
+        for j, edit in enumerate(mine):
+            k, r = edit.key.double()[None], edit.v.double()[None]
+            kp = torch.stack([e.key.double() for e in mine[:j]]) if j else k[:0]
+            inner = kp.T @ kp @ projector + k.T @ k @ projector + 0.1 * eye
+            naive = r.T @ k @ projector @ torch.linalg.inv(inner)
+            torch.testing.assert_close(edit.delta().double(), naive, atol=1e-5, rtol=1e-3)
+            outside = edit.delta().double() @ (eye - projector)
+            assert float(outside.norm()) < 1e-4 * float(edit.delta().norm())
 
 
 def test_site_states_equal_the_per_request_keys_and_states(tiny, cases):
@@ -252,6 +361,18 @@ def test_edit_many_command(tiny, tmp_path, capsys):
     assert exit_.value.code == 2
     code = main([*args, "--save", str(saved)])  # the folder is taken: refused before any work
     assert code != 0 and "not an empty folder" in capsys.readouterr().err
+    # --checkpoint: a run stopped by its time budget goes on from its folder; another run's folder is refused
+    run, part = tmp_path / "run", tmp_path / "part.json"
+    kept = [*args, "--curve-every", "1", "--fluency-tokens", "0", "--checkpoint", str(run), "--json", str(part)]
+    assert main([*kept, "--time-budget", "0"]) == 0
+    assert json.loads(part.read_text())["cases"] == 1 and (run / "state.json").is_file()
+    assert main(kept) == 0
+    resumed = json.loads(part.read_text())
+    assert resumed["cases"] == 2 and resumed["n"] + resumed["skipped"] == 2
+    assert [p["cases"] for p in resumed["curve"]] == [1, 2]
+    capsys.readouterr()
+    assert main([*kept, "--l2", "0.5"]) != 0 and "another run" in capsys.readouterr().err
+    assert main([*args, "--null-space"]) != 0 and "--method memit" in capsys.readouterr().err
 
 
 def test_read_requests_csv_json_and_counterfact():

@@ -1,5 +1,6 @@
 """`python -m core edit-many`: many CounterFact edits on one model (sequential ROME / AlphaEdit, or one MEMIT
-batch), scored over all edits after every k of them; optionally save the edited model."""
+batch), scored over all edits after every k of them; optionally save the edited model, and keep a long run in
+a checkpoint folder that a stopped run resumes from."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from core.edits import export_edits
 from core.errors import UserError
 from core.jsonfile import read_json
 from core.many import METHODS, SEQUENTIAL, CurvePoint, ManyParams, cases_from_requests, edit_many
+from core.memit import MemitParams
 from core.requests import read_requests
 from core.rome import RomeHyperParams
 from core.saving import check_save_folder, save_edited_model
@@ -49,8 +51,18 @@ def register(subparsers, add_common_options) -> None:
     parser.add_argument(
         "--fluency-tokens", type=int, default=40, help="tokens sampled per generation prompt (0: no fluency)"
     )
+    parser.add_argument(
+        "--null-space",
+        action="store_true",
+        help="memit: AlphaEdit's null-space projected solve, keeping earlier batches' keys (with --batch-size)",
+    )
     parser.add_argument("--null-threshold", type=float, default=AlphaEditParams.null_threshold, help="alphaedit")
     parser.add_argument("--l2", type=float, default=AlphaEditParams.l2, help="alphaedit: weight of ||Delta P||^2")
+    parser.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="keep the run in DIR after every curve point; the same command given DIR again goes on from there",
+    )
     parser.add_argument("--save", metavar="DIR", help="save the edited model as a Hugging Face folder")
     parser.add_argument("--export", metavar="FILE", help="write the edits (safetensors + JSON metadata)")
     add_common_options(parser)
@@ -71,10 +83,14 @@ def run(args: argparse.Namespace) -> dict:
     lm = load(args)
     if requests is not None:
         cases = cases_from_requests(lm, requests)
+    if args.null_space and args.method != "memit":
+        raise UserError("--null-space is MEMIT's AlphaEdit solve: use it with --method memit")
+    alphaedit = AlphaEditParams(null_threshold=args.null_threshold, l2=args.l2)
     params = ManyParams(
         method=args.method,
         rome=RomeHyperParams(layer=args.layer) if args.method in SEQUENTIAL else None,
-        alphaedit=AlphaEditParams(null_threshold=args.null_threshold, l2=args.l2),
+        alphaedit=alphaedit,
+        memit=MemitParams(null_space=alphaedit if args.null_space else None),
         curve_every=args.curve_every,
         batch_size=args.batch_size,
         fluency_tokens=max(0, args.fluency_tokens),
@@ -96,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
         sys.stdout.flush()
 
     with progress_bar(f"edit-many {args.method}") as progress:
-        result, edits = edit_many(lm, cases, params, progress=progress, on_point=show)
+        result, edits = edit_many(lm, cases, params, progress=progress, on_point=show, checkpoint=args.checkpoint)
     if args.export:
         export_edits(edits, args.export)
     if args.save:
