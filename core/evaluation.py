@@ -436,6 +436,8 @@ def held_out(rome: RomeHyperParams, cases: Sequence[CounterFactCase]) -> RomeHyp
     if rome.preserve_weight <= 0:
         return rome
     kept = catalogue_without(rome.preserve_catalogue, case_texts(cases))
+    if kept is None:  # the cases mention every subject of the catalogue: nothing is left to preserve
+        return replace(rome, preserve_weight=0.0)
     return replace(rome, preserve_facts=str(kept))
 
 

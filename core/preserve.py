@@ -105,15 +105,18 @@ def preserved_moment(mom2: torch.Tensor, keys: SubjectKeys, subject: str, weight
     return mom2 + weight * (mom2.trace() / moment.trace()) * moment
 
 
-def catalogue_without(path: str | Path, texts: Iterable[str]) -> Path:
+def catalogue_without(path: str | Path, texts: Iterable[str]) -> Path | None:
     """The catalogue less every fact whose subject occurs in one of `texts` (case-insensitive): the same file
-    when none does, else a copy in the cache folder named by its content."""
+    when none does, None when all do (nothing is left to preserve), else a copy in the cache folder named by
+    its content."""
     path = Path(path)
     lowered = [t.casefold() for t in texts]
     facts = load_facts(path)
     kept = [f for f in facts if not any(f.subject.casefold() in t for t in lowered)]
     if len(kept) == len(facts):
         return path
+    if not kept:
+        return None
     data = json.dumps([asdict(f) for f in kept], indent=1).encode()
     out = cache_dir() / "preserve" / f"facts-{hashlib.sha256(data).hexdigest()[:24]}.json"
     if not out.exists():

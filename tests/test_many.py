@@ -248,6 +248,20 @@ def test_a_later_edit_of_the_same_fact_supersedes_the_earlier(tiny, cases):
     assert current_facts([*cases[:3], again]) == [*cases[1:3], again]
 
 
+def test_a_run_over_its_whole_catalogue_preserves_nothing(tiny, cases, tmp_path):
+    """ROME's catalogue is held out from the measured cases: when they mention every subject in it (the
+    known-facts curve edits the whole catalogue), the edits are those of ROME without preserved subjects,
+    not refused one by one."""
+    catalogue = tmp_path / "facts.json"
+    facts = [{"subject": c.subject, "prompt": c.text, "attribute": c.target_true, "relation": "r"} for c in cases[:2]]
+    catalogue.write_text(json.dumps(facts))
+    params = ManyParams(method="rome", fluency_tokens=0, text_scores=False)
+    result, edits = edit_many(tiny, cases[:2], replace(params, rome=replace(TINY, preserve_facts=str(catalogue))))
+    plain, plain_edits = edit_many(tiny, cases[:2], replace(params, rome=replace(TINY, preserve_weight=0.0)))
+    assert result.skipped == plain.skipped == 0
+    same_edits(edits, plain_edits)
+
+
 def test_memit_update_is_the_least_squares_solution(tiny, cases):
     """Each layer's summed edits equal R K^T (lambda C + K K^T)^-1 with the batch's own keys and residuals."""
     params = ManyParams(method="memit", rome=TINY, fluency_tokens=0, memit=MemitParams(layers=(1, 2), mom2_weight=10.0))

@@ -117,7 +117,7 @@ def test_bad_preserve_settings_are_refused(tiny, change, message):
 
 def test_a_measurement_never_preserves_the_subjects_it_measures(catalogue):
     from core.counterfact import CounterFactCase
-    from core.evaluation import held_out
+    from core.evaluation import case_texts, held_out
     from core.preserve import catalogue_without
 
     assert catalogue_without(catalogue, ["Nothing of the catalogue here."]) == catalogue
@@ -142,3 +142,8 @@ def test_a_measurement_never_preserves_the_subjects_it_measures(catalogue):
     assert subjects == ["Big Ben", "Big Ben", "Mount Fuji"]
     assert replace(held, preserve_facts=hp.preserve_facts) == hp  # nothing else changes
     assert held_out(TINY, [case]) is TINY  # nothing preserved, nothing to hold out
+    # cases that mention every subject of the catalogue leave nothing to preserve (not an empty catalogue,
+    # which every edit would refuse: the known-facts curve edits the whole catalogue)
+    every = replace(case, neighborhood_prompts=("The Colosseum, Big Ben and Mount Fuji",))
+    assert catalogue_without(catalogue, case_texts([every])) is None
+    assert held_out(hp, [every]) == replace(hp, preserve_weight=0.0)
