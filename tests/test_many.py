@@ -370,6 +370,7 @@ def test_edit_many_command(tiny, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     result = json.loads(out.read_text())
     assert result["method"] == "memit" and result["n"] + result["skipped"] == 1 and result["layers"] in ([], [0, 1])
+    assert result["null_space"] is False
     with pytest.raises(SystemExit) as exit_:  # argparse: one line, exit 2
         main(["edit-many", "--data", str(data), "--method", "nope"])
     assert exit_.value.code == 2

@@ -127,5 +127,6 @@ def run(args: argparse.Namespace) -> dict:
         print(f"edited model saved to {args.save}")
     out = result.to_json()
     saved = {"saved": args.save, "exported": args.export}
-    out.update({"model": lm.name, "data": args.data, "batch_size": args.batch_size, **saved})
+    out.update({"model": lm.name, "data": args.data, "batch_size": args.batch_size, "null_space": args.null_space})
+    out.update(saved)
     return out
