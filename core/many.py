@@ -248,9 +248,11 @@ def current_facts(cases: Sequence[CounterFactCase]) -> list[CounterFactCase]:
 
 
 def run_settings(params: ManyParams) -> dict:
-    """What makes two runs the same run (a checkpoint's identity, core.checkpoint): every setting but the
-    time budget, which only says when a process stops."""
-    return asdict(replace(params, time_budget=None))
+    """What makes two runs the same run (a checkpoint's identity, core.checkpoint): every setting the method
+    uses. Not the time budget, which only says when a process stops, nor another method's settings."""
+    settings = asdict(replace(params, time_budget=None))
+    unused = {"rome": ("memit",), "alphaedit": ("memit",), "memit": ("alphaedit",)}[params.method]
+    return {k: v for k, v in settings.items() if k not in unused}
 
 
 def edit_many(
