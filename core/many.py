@@ -273,13 +273,13 @@ def edit_many(
     if not cases:
         raise UserError("there are no cases to edit")
     identity = run_id(run_settings(params), [(c.case_id, c.prompt, c.subject, c.target_new) for c in cases])
-    resumed = read_checkpoint(checkpoint, identity, lm) if checkpoint is not None else None
+    saved, saved_edits = (read_checkpoint(checkpoint, identity, lm) if checkpoint is not None else None) or (None, [])
     if params.method == "rome":  # its catalogue held out from what is measured (core.evaluation.held_out)
         params = replace(params, rome=held_out(params.rome or RomeHyperParams(), cases))
     run_started = time.perf_counter()
-    earlier_seconds = resumed[0].seconds if resumed else 0.0
+    earlier_seconds = saved.seconds if saved else 0.0
     started = run_started - earlier_seconds  # curve and result times count every process's
-    flu_unedited = resumed[0].fluency_unedited if resumed else fluency(lm, cases, params.fluency_tokens, params.seed)
+    flu_unedited = saved.fluency_unedited if saved else fluency(lm, cases, params.fluency_tokens, params.seed)
     flu_unedited = math.nan if flu_unedited is None else flu_unedited
     curve = _Curve(lm, cases, params, started, on_point)
     stack = EditStack(lm)
@@ -315,16 +315,15 @@ def edit_many(
         save()
 
     try:
-        if resumed:
-            state, edits = resumed
+        if saved:
             by_id = {c.case_id: c for c in cases}
-            for edit in edits:
+            for edit in saved_edits:
                 stack.apply(edit)
                 if editor:
                     editor.remember(edit)
-            applied_cases = [by_id[i] for i in state.applied]
-            skipped, seen, edit_seconds = state.skipped, state.seen, state.edit_seconds
-            curve.points = [CurvePoint(**p) for p in state.curve]
+            applied_cases = [by_id[i] for i in saved.applied]
+            skipped, seen, edit_seconds = saved.skipped, saved.seen, saved.edit_seconds
+            curve.points = [CurvePoint(**p) for p in saved.curve]
             tick(seen, len(cases))
         first = seen  # this process's first case
         if params.method in SEQUENTIAL:
