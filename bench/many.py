@@ -15,7 +15,7 @@ again with the object after that (re-editing edited facts: the scores count each
 `--time-budget S`: each method stops starting edits after S seconds and is measured over the cases it saw.
 `--checkpoint DIR`: each method's run is kept in DIR/METHOD after every curve point (core.checkpoint), and
 the same command goes on from there: the curve to 1,000 edits can be drawn over several processes, machines
-or days (bench/results/curve_known_cpu/METHOD holds this project's CPU runs).
+or days (bench/results/curve_known/METHOD holds this project's runs: CPU, then an H200).
 
 `batch` times one MEMIT batch of the project's cases (statistics cached first), then MEMIT's step 1 alone two
 ways in the same run: each fact's value optimisation alone (`batch_rows=1`, the naive reference) and many facts
