@@ -11,7 +11,8 @@ scores count each fact's latest edit (`current_facts`). With a `time_budget`, no
 that many seconds of this process's work: the result covers the cases seen by then (`cases`), with a last
 curve point there, fluency on their prompts only; with a checkpoint folder (core.checkpoint) the next process
 goes on from there. ROME's preserved-subjects catalogue (core/preserve.py) is held out from every case given
-(core.evaluation.held_out).
+(core.evaluation.held_out). A run whose first `SKIPS_BEFORE_GIVING_UP` cases are all skipped stops with a
+UserError naming the first reason: a systematic refusal, not hundreds of skips.
 
 The model is left as it was (bitwise); the edits come back in the result, ready for core.saving or export.
 """
@@ -41,6 +42,7 @@ from core.rome import RomeHyperParams, compute_edit, validate_request
 
 METHODS = ("rome", "alphaedit", "memit")
 SEQUENTIAL = ("rome", "alphaedit")
+SKIPS_BEFORE_GIVING_UP = 20
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,16 @@ def run_settings(params: ManyParams) -> dict:
     return {k: v for k, v in settings.items() if k not in unused}
 
 
+def refuse_if_nothing_edits(applied: int, skipped: list[dict]) -> None:
+    """Stop a run that has skipped its first SKIPS_BEFORE_GIVING_UP cases without applying one edit."""
+    if not applied and len(skipped) >= SKIPS_BEFORE_GIVING_UP:
+        first = skipped[0]
+        raise UserError(
+            f"the run skipped its first {len(skipped)} cases and edited none, so it stopped; "
+            f"case {first['case_id']}: {first['reason']}"
+        )
+
+
 def edit_many(
     lm: LoadedModel,
     cases: Sequence[CounterFactCase],
@@ -339,6 +351,7 @@ def edit_many(
                     )
                 except UserError as err:  # e.g. the model (as edited so far) already answers the new object
                     skipped.append({"case_id": case.case_id, "reason": str(err)})
+                    refuse_if_nothing_edits(len(applied_cases), skipped)
                 else:
                     edit.info.setdefault("method", params.method)
                     stack.apply(edit)
@@ -370,6 +383,7 @@ def edit_many(
                     stack.apply(edit)
                 applied_cases += [chunk[i] for i in batch.kept]
                 skipped += [{"case_id": chunk[i].case_id, "reason": why} for i, why in batch.skipped]
+                refuse_if_nothing_edits(len(applied_cases), skipped)
                 edit_seconds += time.perf_counter() - t0
                 seen = start + len(chunk)
                 if seen // params.curve_every > start // params.curve_every or seen == len(cases):

@@ -4,6 +4,7 @@ on tiny models of every family (scores, curve, bitwise restore), and the `edit-m
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -17,7 +18,7 @@ from core.covariance import key_statistics
 from core.edits import EditRequest, applied, export_edits
 from core.errors import UserError
 from core.evaluation import held_out
-from core.many import ManyParams, current_facts, edit_many, request_of, score_cases, update_norm
+from core.many import SKIPS_BEFORE_GIVING_UP, ManyParams, current_facts, edit_many, request_of, score_cases, update_norm
 from core.memit import MemitParams, memit_batch, site_states, target_deltas
 from core.requests import read_requests
 from core.rome import (
@@ -120,6 +121,32 @@ def test_edit_many_on_tiny_models(tiny, cases, method):
     assert result.fluency is not None and result.fluency_unedited is not None
     assert 0.0 <= result.generation_efficacy <= 1.0
     assert all(p.generation_efficacy is not None for p in result.curve)
+
+
+@pytest.mark.parametrize("method,batch", [("rome", None), ("memit", None), ("memit", 1)])
+def test_a_run_that_skips_its_first_cases_stops(tiny, cases, method, batch):
+    """Cases that all fail the same way (here: the new target is the true one) stop the run at the
+    SKIPS_BEFORE_GIVING_UP-th with the first reason, the model put back; fewer such cases just come back skipped."""
+    refused = [
+        replace(cases[0], case_id=f"same-{i}", target_new=cases[0].target_true)
+        for i in range(SKIPS_BEFORE_GIVING_UP + 3)
+    ]
+    params = ManyParams(
+        method=method,
+        rome=TINY,
+        batch_size=batch,
+        fluency_tokens=0,
+        text_scores=False,
+        memit=MemitParams(layers=(1, 2), mom2_weight=10.0),
+    )
+    before = weights(tiny)
+    with pytest.raises(UserError, match=r"skipped its first (\d+) cases and edited none.*case same-0: ") as err:
+        edit_many(tiny, refused, params)
+    stopped_at = int(re.search(r"first (\d+) cases", str(err.value)).group(1))  # one batch: all checked first
+    assert stopped_at == (len(refused) if method == "memit" and batch is None else SKIPS_BEFORE_GIVING_UP)
+    assert all(torch.equal(p, before[n]) for n, p in tiny.model.named_parameters())
+    result, edits = edit_many(tiny, refused[:3] + cases[:1], params)
+    assert result.skipped == 3 and result.n == 1 and edits
 
 
 def test_memit_in_batches_one_after_another(tiny, cases):
