@@ -1,15 +1,17 @@
-"""Many edits: plain sequential ROME, the projected editor (AlphaEdit) and one MEMIT batch, side by side.
+"""Many edits: plain sequential ROME, the projected editor (AlphaEdit) and MEMIT, side by side.
 
-    PYTHONPATH=. python bench/many.py table [--limit N] [--json OUT]          # all three on the project's set
+    PYTHONPATH=. python bench/many.py table [--limit N] [--methods ROWS] [--json OUT]   # on the project's set
     PYTHONPATH=. python bench/many.py curve --limit 1000 --every 50 [--json OUT]   # ROME vs AlphaEdit, known facts
     PYTHONPATH=. python bench/many.py show A.json B.json ...                  # the table of `edit-many --json` files
     PYTHONPATH=. python bench/many.py replay EDITS.safetensors --limit N      # re-measure exported edits, all applied
     PYTHONPATH=. python bench/many.py batch [--limit N] [--threads 2]          # time one MEMIT batch, and its step 1
 
-`table` runs `core.many.edit_many` for each method on data/counterfact_project.json (all edits applied, then
-measured). `curve` builds sequential edits from data/known_facts.json (each fact's object replaced by the
-next different object of the same relation; neighbourhood prompts: other facts of the relation with the same
-true object) and prints the curve of ROME and AlphaEdit: efficacy of all edits so far, neighbourhood,
+`table` runs `core.many.edit_many` for each row of `ROWS` (default: all but memit-seq) on
+data/counterfact_project.json (all edits applied, then measured): rome and alphaedit one edit after another,
+memit as one batch, memit-seq in batches of 1, memit-null in batches of 1 with AlphaEdit's null-space solve.
+`curve` builds sequential edits from data/known_facts.json (each fact's object replaced by the next different
+object of the same relation; neighbourhood prompts: other facts of the relation with the same true object) and
+prints the curve of ROME and AlphaEdit: efficacy of all edits so far, neighbourhood,
 fluency, norm of the accumulated update. The file has 409 facts: `--limit` above that cycles through them
 again with the object after that (re-editing edited facts: the scores count each fact's latest edit).
 `--time-budget S`: each method stops starting edits after S seconds and is measured over the cases it saw.
@@ -31,6 +33,7 @@ import os
 import resource
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -38,17 +41,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from core.alphaedit import AlphaEditParams
 from core.commands.common import to_jsonable
 from core.counterfact import PROJECT_FILE, CounterFactCase, load_counterfact
 from core.edits import applied, import_edits
 from core.facts import DEFAULT_FACTS, load_facts
 from core.many import ManyParams, edit_many, generation_efficacy, request_of, score_cases, update_norm
-from core.memit import VALUE_BATCH_ROWS, VALUE_SETTINGS, default_layers, memit_batch, target_deltas
+from core.memit import VALUE_BATCH_ROWS, VALUE_SETTINGS, MemitParams, default_layers, memit_batch, target_deltas
 from core.models import load_model
 from core.prompts import find_subject_chars
 
+ROWS = {  # the table's rows: name -> the run's settings (curve points and time budget from the command line)
+    "rome": ManyParams(method="rome"),
+    "alphaedit": ManyParams(method="alphaedit"),
+    "memit": ManyParams(method="memit"),
+    "memit-seq": ManyParams(method="memit", batch_size=1),
+    "memit-null": ManyParams(method="memit", batch_size=1, memit=MemitParams(null_space=AlphaEditParams())),
+}
 COLUMNS = (
-    "method",
+    "row",
     "n",
     "efficacy",
     "paraphrase",
@@ -122,7 +133,7 @@ def main() -> None:
     parser.add_argument("files", nargs="*", help="show: edit-many JSON files; replay: one exported edits file")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--every", type=int, default=10, help="a curve point after every N edits")
-    parser.add_argument("--methods", default=None, help="comma-separated (default: all of the mode)")
+    parser.add_argument("--methods", default=None, help="comma-separated rows of ROWS (default: see the docstring)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds per method (core.many)")
@@ -134,10 +145,17 @@ def main() -> None:
         results = {}
         for name in args.files:
             data = json.loads(Path(name).read_text())
-            results[data["method"]] = data
+            row = data["method"] + ("-null" if data.get("null_space") else "-seq" if data.get("batch_size") else "")
+            results[row] = {"row": row, **data}
         print_table(list(results.values()))
         print_curves(results)
         return
+    methods = (args.methods or ("rome,alphaedit,memit,memit-null" if args.mode == "table" else "rome,alphaedit")).split(
+        ","
+    )
+    unknown = sorted(set(methods) - set(ROWS))
+    if unknown:
+        parser.error(f"unknown rows {unknown}: use {', '.join(ROWS)}")
     lm = load_model(device=args.device)
     if args.mode == "replay":
         cases = load_counterfact(PROJECT_FILE, args.limit)
@@ -155,18 +173,16 @@ def main() -> None:
         return
     if args.mode == "table":
         cases = load_counterfact(PROJECT_FILE, args.limit)
-        methods = (args.methods or "rome,alphaedit,memit").split(",")
     else:
         cases = known_fact_cases(limit=args.limit or 1000)
-        methods = (args.methods or "rome,alphaedit").split(",")
     results = {}
     for method in methods:
-        params = ManyParams(method=method, curve_every=args.every, time_budget=args.time_budget)
+        params = replace(ROWS[method], curve_every=args.every, time_budget=args.time_budget)
         folder = Path(args.checkpoint) / method if args.checkpoint else None
         result, _ = edit_many(
             lm, cases, params, on_point=lambda p, m=method: print(m, p, flush=True), checkpoint=folder
         )
-        results[method] = to_jsonable(result.to_json())
+        results[method] = {"row": method, **to_jsonable(result.to_json())}
         if args.json_out:  # after each method, so a stopped run keeps the finished ones
             Path(args.json_out).write_text(json.dumps(results, indent=1) + "\n")
     print_table(list(results.values()))
