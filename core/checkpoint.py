@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from core.atomic import write_atomically
 from core.edits import Edit, export_edits, import_edits
 from core.errors import UserError
 from core.models import LoadedModel
@@ -52,19 +52,12 @@ class RunState:
     fluency_unedited: float | None = None
 
 
-def _replace_atomically(path: Path, write) -> None:
-    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    write(partial)
-    partial.replace(path)
-
-
 def write_checkpoint(folder: str | Path, state: RunState, edits: list[Edit]) -> None:
     """Write the edits, then the state (see the module docstring)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    _replace_atomically(folder / EDITS_FILE, lambda p: export_edits(edits, p))
+    write_atomically(folder / EDITS_FILE, lambda p: export_edits(edits, p))
     data = json.dumps({"format": FORMAT, **asdict(state)}, indent=1, allow_nan=True)
-    _replace_atomically(folder / STATE_FILE, lambda p: p.write_text(data + "\n"))
+    write_atomically(folder / STATE_FILE, lambda p: p.write_text(data + "\n"))
 
 
 def read_checkpoint(folder: str | Path, run: str, lm: LoadedModel) -> tuple[RunState, list[Edit]] | None:

@@ -13,6 +13,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.atomic import write_atomically
 from core.errors import UserError
 from core.jsonfile import read_json
 from core.models import cache_dir
@@ -116,16 +117,16 @@ def download_public(timeout: float = 60.0) -> Path:
     path = public_path()
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    try:
-        with urllib.request.urlopen(PUBLIC_URL, timeout=timeout) as response, open(tmp, "wb") as out:
+
+    def fetch(partial: Path) -> None:
+        with urllib.request.urlopen(PUBLIC_URL, timeout=timeout) as response, open(partial, "wb") as out:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
+
+    try:
+        write_atomically(path, fetch)
     except (urllib.error.URLError, OSError) as err:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot download CounterFact from {PUBLIC_URL} ({err}); give a local file instead") from None
-    tmp.replace(path)
     return path
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import weakref
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from core.atomic import write_atomically
 from core.covariance import layer_keys, stats_folder
 from core.edits import unedited
 from core.facts import DEFAULT_FACTS, load_facts
@@ -120,8 +120,5 @@ def catalogue_without(path: str | Path, texts: Iterable[str]) -> Path | None:
     data = json.dumps([asdict(f) for f in kept], indent=1).encode()
     out = cache_dir() / "preserve" / f"facts-{hashlib.sha256(data).hexdigest()[:24]}.json"
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
-        partial.write_bytes(data)
-        partial.replace(out)
+        write_atomically(out, lambda partial: partial.write_bytes(data))
     return out

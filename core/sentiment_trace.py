@@ -19,7 +19,6 @@ such cap, only the model's context and the memory its backward needs (core/trace
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.atomic import write_atomically
 from core.budget import check_trace
 from core.errors import UserError
 from core.models import LoadedModel, cache_dir, weights_fingerprint
@@ -361,8 +361,6 @@ def default_proxy(
     labelled: LabelledTexts = load_project_texts() if train is None else load_labelled(path)
     features = extract_features(lm, labelled.texts, (), suffix, cache=True, progress=progress)
     proxy = FeelingProxy.fit(lm, features, labelled.labels, words, suffix)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.partial")
-    tmp.write_text(json.dumps(proxy.to_dict(), indent=1), encoding="utf-8")
-    tmp.replace(cached)
+    text = json.dumps(proxy.to_dict(), indent=1)
+    write_atomically(cached, lambda partial: partial.write_text(text, encoding="utf-8"))
     return proxy

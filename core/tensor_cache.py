@@ -10,12 +10,13 @@ weights' fingerprint.
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
 import safetensors
 import safetensors.torch
 import torch
+
+from core.atomic import write_atomically
 
 Shape = tuple[int | None, ...]  # None: any size along that dimension
 
@@ -29,11 +30,9 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write the tensors (on the CPU) with their digest; atomic: a cache file is never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    tmp = path.with_suffix(f".partial-{time.time_ns()}")
-    safetensors.torch.save_file(tensors, str(tmp), metadata={**(metadata or {}), "sha256": tensors_digest(tensors)})
-    tmp.replace(path)
+    metadata = {**(metadata or {}), "sha256": tensors_digest(tensors)}
+    write_atomically(path, lambda partial: safetensors.torch.save_file(tensors, str(partial), metadata=metadata))
 
 
 def _fits(shape: tuple[int, ...], wanted: Shape) -> bool:

@@ -186,3 +186,29 @@ def test_an_output_in_a_missing_folder_is_accepted(tmp_path, capsys):
     args = ["trace", "--prompt", "a b", "--subject", "a", "--model", "no-such/model-xyz", "--json", str(out)]
     code, err = run_cli(args, capsys)
     assert code == 2 and "not found" in err  # the path passed; the (missing) model is what stopped it
+
+
+def test_counterfact_download_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The public file is fetched once into the cache; a broken download leaves no file behind (and is one
+    UserError), so the next call fetches again instead of reading half a file. No network: urlopen is faked."""
+    import io
+    import urllib.error
+
+    import core.counterfact as counterfact
+
+    monkeypatch.setenv("ROME_STUDIO_CACHE", str(tmp_path))
+    body = json.dumps([{"case_id": 0}]).encode()
+
+    class Broken(io.BytesIO):
+        def read(self, size=-1):
+            if self.tell() > 4:
+                raise urllib.error.URLError("connection reset")
+            return super().read(5)
+
+    monkeypatch.setattr(counterfact.urllib.request, "urlopen", lambda url, timeout: Broken(body))
+    with pytest.raises(UserError, match="cannot download CounterFact .*connection reset"):
+        counterfact.download_public()
+    assert not counterfact.public_path().exists()
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+    monkeypatch.setattr(counterfact.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(body))
+    assert counterfact.download_public().read_bytes() == body
