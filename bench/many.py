@@ -58,6 +58,7 @@ ROWS = {  # the table's rows: name -> the run's settings (curve points and time 
     "memit-seq": ManyParams(method="memit", batch_size=1),
     "memit-null": ManyParams(method="memit", batch_size=1, memit=MemitParams(null_space=AlphaEditParams())),
 }
+DEFAULT_ROWS = {"table": "rome,alphaedit,memit,memit-null", "curve": "rome,alphaedit"}
 COLUMNS = (
     "row",
     "n",
@@ -106,6 +107,16 @@ def known_fact_cases(path: str | Path = DEFAULT_FACTS, limit: int = 1000) -> lis
     return cases[:limit]
 
 
+def row_name(data: dict) -> str:
+    """The table row an `edit-many --json` file belongs to (ROWS' names; memit-N: batches of N)."""
+    size = data.get("batch_size")
+    if data.get("null_space"):
+        return f"{data['method']}-null"
+    if size:
+        return f"{data['method']}-" + ("seq" if size == 1 else str(size))
+    return data["method"]
+
+
 def print_table(rows: list[dict]) -> None:
     print(" | ".join(f"{c:>13}" for c in COLUMNS))
     for row in rows:
@@ -145,14 +156,12 @@ def main() -> None:
         results = {}
         for name in args.files:
             data = json.loads(Path(name).read_text())
-            row = data["method"] + ("-null" if data.get("null_space") else "-seq" if data.get("batch_size") else "")
+            row = row_name(data)
             results[row] = {"row": row, **data}
         print_table(list(results.values()))
         print_curves(results)
         return
-    methods = (args.methods or ("rome,alphaedit,memit,memit-null" if args.mode == "table" else "rome,alphaedit")).split(
-        ","
-    )
+    methods = [m for m in (args.methods or DEFAULT_ROWS.get(args.mode, "")).split(",") if m]  # table, curve
     unknown = sorted(set(methods) - set(ROWS))
     if unknown:
         parser.error(f"unknown rows {unknown}: use {', '.join(ROWS)}")

@@ -125,8 +125,12 @@ def run(args: argparse.Namespace) -> dict:
     )
     if args.save:
         print(f"edited model saved to {args.save}")
-    out = result.to_json()
-    saved = {"saved": args.save, "exported": args.export}
-    out.update({"model": lm.name, "data": args.data, "batch_size": args.batch_size, "null_space": args.null_space})
-    out.update(saved)
-    return out
+    return {
+        **result.to_json(),
+        "model": lm.name,
+        "data": args.data,
+        "batch_size": args.batch_size,
+        "null_space": args.null_space,
+        "saved": args.save,
+        "exported": args.export,
+    }
