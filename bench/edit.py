@@ -72,27 +72,36 @@ def uncached_statistics(lm, layer: int, hp: RomeHyperParams) -> None:
 
 
 def latency(lm, hp: RomeHyperParams, uncached: bool = True) -> None:
+    """Edit seconds with statistics cached (and, unless told not to, the statistics from scratch). Each edit
+    runs with `hp` and again with the value optimisation in float32 (`value_precision="model"`), one after the
+    other, so the ratio is measured on the same machine state; the largest difference between the two deltas
+    is printed with it."""
     layer = default_layer(lm) if hp.layer is None else hp.layer
     if uncached:
         uncached_statistics(lm, layer, hp)
     key_statistics(lm, layer, hp.stats_corpus, hp.stats_tokens)  # the real cache (computed once if missing)
+    exact = replace(hp, value_precision="model")
     compute_edit(lm, REQUESTS[0], hp)  # warm-up: context texts, allocator
     rows = []
     for request in REQUESTS:
-        edit = compute_edit(lm, request, hp)
+        edit, reference = compute_edit(lm, request, hp), compute_edit(lm, request, exact)
         rows.append(
             {
                 "edit": request.text + " -> " + request.target_new,
                 "wall s": edit.info["seconds"],
                 "cpu s": edit.info["cpu_seconds"],
                 "steps": edit.info["steps"],
+                "float32 wall s": reference.info["seconds"],
+                "delta vs float32": abs(edit.info["delta_norm"] / reference.info["delta_norm"] - 1),
+                "v cosine": float(torch.nn.functional.cosine_similarity(edit.v.float(), reference.v.float(), dim=0)),
             }
         )
     table = pd.DataFrame(rows)
-    print(table.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(
         f"edit, statistics cached: median {statistics.median(table['wall s']):.2f} s wall, "
-        f"{statistics.median(table['cpu s']):.2f} s CPU; peak RSS so far {peak_rss_mib():.0f} MiB"
+        f"{statistics.median(table['cpu s']):.2f} s CPU (value precision {hp.value_precision}); float32 values: "
+        f"median {statistics.median(table['float32 wall s']):.2f} s wall; peak RSS so far {peak_rss_mib():.0f} MiB"
     )
 
 
@@ -116,6 +125,7 @@ def ablations(base: RomeHyperParams) -> dict[str, RomeHyperParams]:
         "identity-C": replace(base, stats_corpus="identity"),
         "preserve0": replace(base, preserve_weight=0.0),
         "preserve3": replace(base, preserve_weight=3.0),
+        "float32": replace(base, value_precision="model"),
     }
 
 

@@ -13,16 +13,19 @@ are computed, attending to the recorded keys/values of positions < i.
 
 On a model spread over devices by a device map (core/devices.py), each block gets its inputs (the states, the
 mask, the rotary embeddings, the prefix keys/values) on its own device, and the results come back on the
-device the states came in on.
+device the states came in on. With a `copy` (core/block_copy.py) the copy's blocks run in place of the model's,
+under autocast: matrix products in the copy's dtype, the states in the dtype they came in.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from core.block_copy import BlockCopy
 from core.devices import execution_device, move_to
 from core.models import LoadedModel
 
@@ -67,7 +70,9 @@ def slice_prefix(kv: dict[int, LayerKV], end: int, rows: slice | None = None) ->
     return {i: LayerKV(v.keys[rows, :, :end], v.values[rows, :, :end]) for i, v in kv.items()}
 
 
-def _attention_mask(lm: LoadedModel, starts: torch.Tensor, width: int, length: int) -> torch.Tensor:
+def _attention_mask(
+    starts: torch.Tensor, width: int, length: int, attn_implementation: str, dtype: torch.dtype
+) -> torch.Tensor:
     """Mask (rows, 1, length, width + length): row r's queries stand at positions starts[r] + [0, length);
     they see the first starts[r] of the `width` prefix slots and the new positions causally."""
     device = starts.device
@@ -77,9 +82,9 @@ def _attention_mask(lm: LoadedModel, starts: torch.Tensor, width: int, length: i
     allowed = torch.cat(
         [prefix[:, None, None, :].expand(-1, 1, length, -1), causal[None, None].expand(len(starts), 1, -1, -1)], dim=-1
     )
-    if lm.model.config._attn_implementation == "eager":
-        mask = torch.zeros(allowed.shape, dtype=lm.dtype, device=device)
-        return mask.masked_fill(~allowed, torch.finfo(lm.dtype).min)
+    if attn_implementation == "eager":
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min)
     return allowed
 
 
@@ -94,17 +99,25 @@ def run_blocks(
     start_position: int | torch.Tensor = 0,
     prefix: PrefixCache | None = None,
     after_block: BlockHook | None = None,
+    copy: BlockCopy | None = None,
 ) -> torch.Tensor:
     """Apply blocks first..stop-1 to `hidden` (batch, positions, hidden) standing at absolute positions
     start_position..; `prefix` holds the keys/values of positions < start_position for each layer.
     `start_position` may be one start per row (a tensor): rows of different prefix lengths in one batch, each
     prefix right-padded to the longest (the padding is masked out).
     `after_block(layer, h)` may return a replacement for a block's output (h is on the block's device).
-    The result is on `hidden`'s device."""
+    `copy`: run its blocks (from copy.first on) instead of the model's, their matrix products in copy.dtype.
+    The result is on `hidden`'s device, in `hidden`'s dtype."""
     arch, model = lm.arch, lm.model
-    home = hidden.device
+    home, home_dtype = hidden.device, hidden.dtype
     blocks = model.get_submodule(arch.blocks)
     stop = len(blocks) if stop is None else stop
+    attn_implementation = model.config._attn_implementation
+    if copy is not None:
+        if first < copy.first:
+            raise ValueError(f"the copy holds blocks {copy.first}.., not block {first}")
+        blocks = {layer: copy.block(layer) for layer in range(first, stop)}
+        attn_implementation = copy.attn_implementation
     length = hidden.shape[1]
     new = torch.arange(length, device=hidden.device)
     if isinstance(start_position, torch.Tensor):
@@ -117,7 +130,7 @@ def run_blocks(
         positions = (start_position + new)[None]  # broadcasts over rows
     if bool(starts.any()) and prefix is None:
         raise ValueError("positions after 0 need the keys/values of the earlier positions")
-    kwargs: dict = {"attention_mask": _attention_mask(lm, starts, width, length)}
+    kwargs: dict = {"attention_mask": _attention_mask(starts, width, length, attn_implementation, lm.dtype)}
     if arch.rotary is not None:
         kwargs["position_ids"] = positions
         rotary = model.get_submodule(arch.rotary)
@@ -126,15 +139,17 @@ def run_blocks(
     if prefix is not None:
         kwargs[arch.cache_kwarg] = prefix
     on_device = {home: kwargs}  # the keyword arguments on each device a block computes on
+    products = torch.autocast(home.type, dtype=copy.dtype) if copy is not None else nullcontext()
     for layer in range(first, stop):
         device = execution_device(blocks[layer])
         if device not in on_device:
             on_device[device] = {k: v if k == arch.cache_kwarg else move_to(v, device) for k, v in kwargs.items()}
-        hidden = blocks[layer](hidden.to(device), **on_device[device])
+        with products:
+            hidden = blocks[layer](hidden.to(device), **on_device[device])
         if after_block is not None:
             replaced = after_block(layer, hidden)
             hidden = hidden if replaced is None else replaced
-    return hidden.to(home)
+    return hidden.to(home, home_dtype)
 
 
 def final_logits(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,10 @@ def run_cli(args, capsys):
         (["trace", "--prompt", "a b", "--subject", "a", "--device", "cpu", "--tf32"], "CUDA option"),
         (["edit", "--prompt", "{} is in", "--subject", "Rome", "--target", "Paris", "--preserve-weight", "-1"], ">= 0"),
         (
+            ["edit", "--prompt", "{} is in", "--subject", "Rome", "--target", "Paris", "--value-precision", "half"],
+            "invalid choice: 'half'",
+        ),
+        (
             ["evaluate", "--limit", "1", "--preserve-facts", "/no/such/catalogue.json"],
             "preserve catalogue '/no/such/catalogue.json' does not exist",
         ),

@@ -23,7 +23,9 @@ from core.saving import save_edited_model
 from core.tiny import tiny_model
 from core.tracing import trace
 
-TINY = RomeHyperParams(layer=1, context_lengths=((4, 2),), stats_tokens=512, steps=3)
+# value_precision "model": a model spread by a device map always optimises values in its own dtype (its weights
+# may be offloaded, so there is no bfloat16 copy to make), and the plain twin must do the same to be compared
+TINY = RomeHyperParams(layer=1, context_lengths=((4, 2),), stats_tokens=512, steps=3, value_precision="model")
 REQUEST = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
 DISK_BLOCKS = (1, 2)  # layer 1 is TINY's edited layer

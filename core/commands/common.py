@@ -1,5 +1,5 @@
 """What every command shares: the --model/--json/--device/--device-map/--tf32 options, model loading, JSON
-output; the ROME options several commands share (--preserve-weight/--preserve-facts)."""
+output; the ROME options several commands share (--preserve-weight/--preserve-facts/--value-precision)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from core.devices import DEVICE_MAP_NAMES, DeviceMap, parse_device_map
 from core.errors import UserError
 from core.models import EMBEDDED_MODEL, LoadedModel, load_model
 from core.precision import allow_tf32
-from core.rome import RomeHyperParams
+from core.rome import VALUE_PRECISIONS, RomeHyperParams
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -37,8 +37,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_preserve_options(parser: argparse.ArgumentParser) -> None:
-    """ROME's preserved subject keys (core/preserve.py), for the commands that make ROME edits."""
+def add_rome_options(parser: argparse.ArgumentParser) -> None:
+    """For the commands that make ROME edits: the preserved subject keys (core/preserve.py) and the value
+    optimisation's precision (core/block_copy.py)."""
     parser.add_argument(
         "--preserve-weight",
         type=non_negative_float,
@@ -51,10 +52,17 @@ def add_preserve_options(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="the catalogue: a known-facts JSON file (default: data/known_facts.json)",
     )
+    parser.add_argument(
+        "--value-precision",
+        choices=VALUE_PRECISIONS,
+        default=RomeHyperParams.value_precision,
+        help="the value optimisation's matrix products: auto (bfloat16 on a CPU that multiplies it natively, "
+        "else the model's dtype), model (the model's dtype, as the paper), bfloat16",
+    )
 
 
 def rome_settings(args: argparse.Namespace, lm: LoadedModel) -> RomeHyperParams:
-    """ROME's settings from --layer, --key-token, --corpus, --stats-tokens and the preserve options, checked."""
+    """ROME's settings from --layer, --key-token, --corpus, --stats-tokens and the ROME options, checked."""
     hp = RomeHyperParams(
         layer=args.layer,
         key_token=args.key_token,
@@ -62,6 +70,7 @@ def rome_settings(args: argparse.Namespace, lm: LoadedModel) -> RomeHyperParams:
         stats_tokens=args.stats_tokens,
         preserve_weight=args.preserve_weight,
         preserve_facts=args.preserve_facts,
+        value_precision=args.value_precision,
     )
     hp.check(lm)
     return hp

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from core.commands.common import add_preserve_options, load, output_file, positive_int, rome_settings
+from core.commands.common import add_rome_options, load, output_file, positive_int, rome_settings
 from core.commands.progress import progress_bar
 from core.covariance import CORPORA, DEFAULT_CORPUS, DEFAULT_TOKENS, statistics_cached, statistics_seconds
 from core.edit_site import KEY_TOKENS, default_layer
@@ -41,7 +41,7 @@ def register(subparsers, add_common_options) -> None:
         "--export", metavar="FILE", type=output_file, help="also write the edit (safetensors + JSON metadata)"
     )
     parser.add_argument("--save", metavar="DIR", help="also save the edited model as a Hugging Face folder")
-    add_preserve_options(parser)
+    add_rome_options(parser)
     add_common_options(parser)
     parser.set_defaults(run=run)
 

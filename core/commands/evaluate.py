@@ -8,7 +8,7 @@ import argparse
 
 from tqdm import tqdm
 
-from core.commands.common import add_preserve_options, load, positive_int, rome_settings
+from core.commands.common import add_rome_options, load, positive_int, rome_settings
 from core.counterfact import PROJECT_FILE, load_counterfact
 from core.covariance import CORPORA, DEFAULT_CORPUS, DEFAULT_TOKENS
 from core.edit_site import KEY_TOKENS
@@ -38,7 +38,7 @@ def register(subparsers, add_common_options) -> None:
         default=TEXT_TOKENS,
         help="new tokens of the greedy continuations read by the text-level scores (0: no text scores)",
     )
-    add_preserve_options(parser)
+    add_rome_options(parser)
     add_common_options(parser)
     parser.set_defaults(run=run)
 
