@@ -106,8 +106,8 @@ def run_blocks(
     `start_position` may be one start per row (a tensor): rows of different prefix lengths in one batch, each
     prefix right-padded to the longest (the padding is masked out).
     `after_block(layer, h)` may return a replacement for a block's output (h is on the block's device).
-    `copy`: run its blocks (from copy.first on) instead of the model's, their matrix products in copy.dtype.
-    The result is on `hidden`'s device, in `hidden`'s dtype."""
+    `copy`: run its blocks (from copy.first on) instead of the model's, their matrix products in copy.dtype;
+    the result then comes back in `hidden`'s dtype. The result is on `hidden`'s device."""
     arch, model = lm.arch, lm.model
     home, home_dtype = hidden.device, hidden.dtype
     blocks = model.get_submodule(arch.blocks)
@@ -149,7 +149,7 @@ def run_blocks(
         if after_block is not None:
             replaced = after_block(layer, hidden)
             hidden = hidden if replaced is None else replaced
-    return hidden.to(home, home_dtype)
+    return hidden.to(home) if copy is None else hidden.to(home, home_dtype)
 
 
 def final_logits(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:

@@ -86,8 +86,8 @@ class RomeHyperParams:
       on the project's 94 cases, with a catalogue holding none of their subjects, NS 0.871 -> 0.928, text bleed
       0.099 -> 0.074, PS 0.973 -> 0.965, ES 1.000 either way.
     - value_precision "auto": on a float32 model on a CPU that multiplies bfloat16 natively, the value
-      optimisation runs the blocks above the layer in a bfloat16 copy (core/block_copy.py; ~1.5x faster
-      there); keys, the KL reference, the logits, delta and the update stay float32. "model": the model's
+      optimisation runs the blocks above the layer in a bfloat16 copy (core/block_copy.py; edits ~1.4x
+      faster there); keys, the KL reference, the logits, delta and the update stay float32. "model": the model's
       own dtype everywhere (the paper; on GPUs "auto" is this)."""
 
     layer: int | None = None  # None: `default_layer(lm)`
@@ -128,6 +128,8 @@ class RomeHyperParams:
             raise UserError(
                 f"unknown value precision {self.value_precision!r}: use one of {', '.join(VALUE_PRECISIONS)}"
             )
+        if self.value_precision == "bfloat16" and lm.device_map is not None:
+            raise UserError("bfloat16 value products copy the model's blocks: use a model without a device map")
         if self.preserve_weight < 0:
             raise UserError(f"the preserve weight is 0 or more (got {self.preserve_weight})")
         if self.preserve_weight > 0 and not self.preserve_catalogue.is_file():

@@ -5,6 +5,7 @@ line."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from core.edits import Edit, EditRequest, EditStack, applied, unedited
 from core.errors import UserError
 from core.evaluation import FTHyperParams, ft_delta
 from core.models import LoadedModel, load_model, weights_fingerprint, wrap_model
-from core.rome import RomeHyperParams, compute_edit
+from core.rome import RomeHyperParams, compute_edit, value_blocks
 from core.saving import save_edited_model
 from core.tiny import tiny_model
 from core.tracing import trace
@@ -134,6 +135,15 @@ def test_key_statistics_through_the_offload_hooks(tokenizer, tmp_path, monkeypat
         moments.append(stats.mom2)
     assert torch.allclose(moments[0], moments[1], atol=1e-6)
     assert {p.device.type for p in dispatched.model.model.layers[1].parameters()} == {"meta"}  # still offloaded
+
+
+def test_bfloat16_values_on_a_device_map_are_refused_and_auto_keeps_the_model_dtype(tokenizer):
+    _, dispatched = spread("llama", tokenizer)
+    before = logits(dispatched)
+    with pytest.raises(UserError, match="without a device map"):
+        compute_edit(dispatched, REQUEST, replace(TINY, value_precision="bfloat16"))
+    assert torch.equal(logits(dispatched), before)
+    assert value_blocks(dispatched, 1, "auto") is None
 
 
 def test_ft_on_an_offloaded_layer_is_refused(tokenizer):
