@@ -92,7 +92,7 @@ def latency(lm, hp: RomeHyperParams, uncached: bool = True) -> None:
                 "cpu s": edit.info["cpu_seconds"],
                 "steps": edit.info["steps"],
                 "float32 wall s": reference.info["seconds"],
-                "delta vs float32": abs(edit.info["delta_norm"] / reference.info["delta_norm"] - 1),
+                "delta norm vs float32": abs(edit.info["delta_norm"] / reference.info["delta_norm"] - 1),
                 "v cosine": float(torch.nn.functional.cosine_similarity(edit.v.float(), reference.v.float(), dim=0)),
             }
         )
