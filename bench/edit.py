@@ -74,8 +74,8 @@ def uncached_statistics(lm, layer: int, hp: RomeHyperParams) -> None:
 def latency(lm, hp: RomeHyperParams, uncached: bool = True) -> None:
     """Edit seconds with statistics cached (and, unless told not to, the statistics from scratch). Each edit
     runs with `hp` and again with the value optimisation in float32 (`value_precision="model"`), one after the
-    other, so the ratio is measured on the same machine state; the largest difference between the two deltas
-    is printed with it."""
+    other, so the ratio is measured on the same machine state; how far apart the two are is printed with it
+    (the relative difference of delta's norm, the cosine of the updates' v)."""
     layer = default_layer(lm) if hp.layer is None else hp.layer
     if uncached:
         uncached_statistics(lm, layer, hp)

@@ -25,11 +25,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from bench.many import known_fact_cases
-from core.alphaedit import AlphaEditParams
-from core.many import ManyParams, edit_many
-from core.memit import MemitParams
+from bench.many import ROWS, known_fact_cases
+from core.many import edit_many
 from core.models import wrap_model
+
+RUNS = ("rome", "alphaedit", "memit-null")  # bench/many.py's rows of the same names
 
 
 def main() -> None:
@@ -48,17 +48,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_config(config)
     lm = wrap_model(model, AutoTokenizer.from_pretrained(args.tokenizer), "random-weights", device=args.device)
     cases = known_fact_cases(limit=args.cases)
-    runs = {
-        "rome": ManyParams(method="rome", curve_every=2, fluency_tokens=10),
-        "alphaedit": ManyParams(method="alphaedit", curve_every=2, fluency_tokens=10),
-        "memit-null": ManyParams(
-            method="memit",
-            batch_size=1,
-            memit=MemitParams(null_space=AlphaEditParams()),
-            curve_every=2,
-            fluency_tokens=10,
-        ),
-    }
+    runs = {name: dataclasses.replace(ROWS[name], curve_every=2, fluency_tokens=10) for name in RUNS}
     out = {}
     for name, params in runs.items():
         started = time.perf_counter()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -37,7 +38,7 @@ class BlockCopy:
     first: int
     blocks: torch.nn.ModuleList  # blocks[i] is the model's block first + i
     dtype: torch.dtype
-    attn_implementation: str = EAGER
+    attn_implementation: ClassVar[str] = EAGER
 
     def block(self, layer: int) -> torch.nn.Module:
         return self.blocks[layer - self.first]

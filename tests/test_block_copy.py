@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from core import block_copy, rome
+from core import rome
 from core.block_copy import copy_blocks
 from core.edits import EditRequest, applied
 from core.errors import UserError
@@ -117,8 +117,8 @@ def test_value_losses_and_their_gradient_on_the_copy_match_the_models(tiny):
 @pytest.mark.parametrize("precision", ["auto", "model", "bfloat16"])
 def test_which_blocks_the_value_optimisation_runs_on(tiny, monkeypatch, precision):
     for native in (True, False):
-        monkeypatch.setattr(block_copy.torch.cpu, "_is_avx512_bf16_supported", lambda n=native: n)
-        monkeypatch.setattr(block_copy.torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda n=native: n)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
         blocks = rome.value_blocks(tiny, 1, precision)
         copies = precision == "bfloat16" or (precision == "auto" and native)
         assert (blocks is not None) == copies
@@ -128,7 +128,7 @@ def test_which_blocks_the_value_optimisation_runs_on(tiny, monkeypatch, precisio
 
 
 def test_auto_keeps_a_half_precision_model_as_it_is(tiny, monkeypatch):
-    monkeypatch.setattr(block_copy.torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert rome.value_blocks(tiny, 1, "auto") is not None
     tiny.model.to(torch.float16)
     assert rome.value_blocks(tiny, 1, "auto") is None
