@@ -7,6 +7,7 @@ settings (one change each) are further runs by name.
     PYTHONPATH=. python bench/edit.py --no-latency --runs none,ft,rome,memit,paper   # the table, all 94 cases
     PYTHONPATH=. python bench/edit.py --no-latency --runs rome,ctx10+10,stop-nll --every 3   # ablations
     PYTHONPATH=. python bench/edit.py --measure-layer 20
+    PYTHONPATH=. python bench/edit.py --show A.json B.json   # stored runs side by side, over their common cases
 
 Times are wall-clock and CPU (process) seconds: on a shared machine the CPU seconds with --threads 1 are
 what a quiet core would take.
@@ -36,7 +37,7 @@ from core.counterfact import PROJECT_FILE, load_counterfact
 from core.covariance import DEFAULT_TOKENS, key_statistics
 from core.edit_site import default_layer, measure_layer
 from core.edits import EditRequest
-from core.evaluation import FTHyperParams, evaluate_case, held_out, summarise
+from core.evaluation import CaseResult, FTHyperParams, evaluate_case, held_out, summarise
 from core.models import load_model
 from core.rome import PAPER, RomeHyperParams, compute_edit
 
@@ -129,6 +130,31 @@ def ablations(base: RomeHyperParams) -> dict[str, RomeHyperParams]:
     }
 
 
+def stored_runs(paths: list[str]) -> dict[str, list[CaseResult]]:
+    """Per-case results of stored runs, by label: a `--json` file of this bench ({label: result}) or one
+    `python -m core evaluate --json` result (labelled by its file name)."""
+    runs = {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        for label, result in ({Path(path).stem: data} if "cases" in data else data).items():
+            runs[label] = [CaseResult(**case) for case in result["cases"]]
+    return runs
+
+
+HIDDEN = ("method", "efficacy_magnitude", "paraphrase_magnitude", "neighborhood_magnitude", "mean_edit_cpu_seconds")
+
+
+def common_table(runs: dict[str, list[CaseResult]]) -> pd.DataFrame:
+    """Each run's row over the cases every run measured (by case id): runs of different subsets side by side."""
+    common = set.intersection(*({c.case_id for c in cases} for cases in runs.values()))
+    rows = []
+    for label, cases in runs.items():
+        kept = [c for c in cases if c.case_id in common]
+        row = summarise("rome", kept, any(c.fluency is not None for c in kept), 0.0).row()
+        rows.append({"run": label, **{k: v for k, v in row.items() if k not in HIDDEN}})
+    return pd.DataFrame(rows)
+
+
 def table(
     lm, cases, runs: list[tuple[str, str, RomeHyperParams]], fluency_tokens: int, json_out: str | None = None
 ) -> pd.DataFrame:
@@ -164,6 +190,12 @@ def main() -> None:
         help="comma-separated: none, ft, rome, memit, or an ablation name (see --list)",
     )
     parser.add_argument("--list", action="store_true", help="list the ablation names and exit")
+    parser.add_argument(
+        "--show",
+        nargs="+",
+        metavar="JSON",
+        help="print the table of stored runs (this bench's --json, evaluate's --json) over their common cases",
+    )
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--json", dest="json_out", help="write every run's full result (per case) here")
     parser.add_argument("--cached-only", action="store_true", help="latency: skip computing statistics from scratch")
@@ -175,6 +207,12 @@ def main() -> None:
         help="measure the default layer from causal traces of this many known facts, then exit",
     )
     args = parser.parse_args()
+    if args.show:
+        if missing := [path for path in args.show if not Path(path).is_file()]:
+            parser.error(f"no such file: {', '.join(missing)}")
+        shown = common_table(stored_runs(args.show))
+        print(shown.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+        return
     torch.set_num_threads(args.threads)
     lm = load_model(device="cpu")
     print(f"model {lm.name}, {args.threads} thread(s), RSS after load {peak_rss_mib():.0f} MiB")

@@ -17,7 +17,9 @@ again with the object after that (re-editing edited facts: the scores count each
 `--time-budget S`: each method stops starting edits after S seconds and is measured over the cases it saw.
 `--checkpoint DIR`: each method's run is kept in DIR/METHOD after every curve point (core.checkpoint), and
 the same command goes on from there: the curve to 1,000 edits can be drawn over several processes, machines
-or days (bench/results/curve_known/METHOD holds this project's runs: CPU, then an H200).
+or days (bench/results/curve_known/METHOD holds this project's runs: CPU, then an H200). A run's identity holds
+the value products it began with (core.rome.value_products): those runs are float32, so on a CPU that would
+use bfloat16 products they go on with `--value-precision model`.
 
 `batch` times one MEMIT batch of the project's cases (statistics cached first), then MEMIT's step 1 alone two
 ways in the same run: each fact's value optimisation alone (`batch_rows=1`, the naive reference) and many facts
@@ -46,10 +48,11 @@ from core.commands.common import to_jsonable
 from core.counterfact import PROJECT_FILE, CounterFactCase, load_counterfact
 from core.edits import applied, import_edits
 from core.facts import DEFAULT_FACTS, load_facts
-from core.many import ManyParams, edit_many, generation_efficacy, request_of, score_cases, update_norm
+from core.many import ManyParams, edit_many, generation_efficacy, method_rome, request_of, score_cases, update_norm
 from core.memit import VALUE_BATCH_ROWS, VALUE_SETTINGS, MemitParams, default_layers, memit_batch, target_deltas
 from core.models import load_model
 from core.prompts import find_subject_chars
+from core.rome import VALUE_PRECISIONS
 
 ROWS = {  # the table's rows: name -> the run's settings (curve points and time budget from the command line)
     "rome": ManyParams(method="rome"),
@@ -148,6 +151,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds per method (core.many)")
+    parser.add_argument(
+        "--value-precision",
+        choices=VALUE_PRECISIONS,
+        default="auto",
+        help="ROME's value products (core.rome.value_products; part of a checkpoint's identity)",
+    )
     parser.add_argument("--checkpoint", metavar="DIR", help="curve/table: keep each method's run in DIR/METHOD")
     parser.add_argument("--json", dest="json_out")
     args = parser.parse_args()
@@ -187,6 +196,7 @@ def main() -> None:
     results = {}
     for method in methods:
         params = replace(ROWS[method], curve_every=args.every, time_budget=args.time_budget)
+        params = replace(params, rome=replace(method_rome(params), value_precision=args.value_precision))
         folder = Path(args.checkpoint) / method if args.checkpoint else None
         result, _ = edit_many(
             lm, cases, params, on_point=lambda p, m=method: print(m, p, flush=True), checkpoint=folder

@@ -35,10 +35,10 @@ from core.edits import Edit, EditRequest, EditStack
 from core.errors import UserError
 from core.evaluation import continuations, held_out, names_object, ngram_entropy, target_log_probs
 from core.generation import GenerationSettings, generate
-from core.memit import MemitParams, memit_batch
+from core.memit import VALUE_SETTINGS, MemitParams, memit_batch
 from core.models import LoadedModel
 from core.progress import Progress
-from core.rome import RomeHyperParams, compute_edit, validate_request
+from core.rome import RomeHyperParams, compute_edit, validate_request, value_products
 
 METHODS = ("rome", "alphaedit", "memit")
 SEQUENTIAL = ("rome", "alphaedit")
@@ -249,10 +249,19 @@ def current_facts(cases: Sequence[CounterFactCase]) -> list[CounterFactCase]:
     return [c for i, c in enumerate(cases) if latest[(c.subject, c.prompt)] == i]
 
 
-def run_settings(params: ManyParams) -> dict:
+def method_rome(params: ManyParams) -> RomeHyperParams:
+    """The ROME settings the method computes with: `params.rome`, or the method's default."""
+    return params.rome or (VALUE_SETTINGS if params.method == "memit" else RomeHyperParams())
+
+
+def run_settings(params: ManyParams, lm: LoadedModel) -> dict:
     """What makes two runs the same run (a checkpoint's identity, core.checkpoint): every setting the method
-    uses. Not the time budget, which only says when a process stops, nor another method's settings."""
-    settings = asdict(replace(params, time_budget=None))
+    uses, ROME's value precision as what it resolves to on `lm` here (core.rome.value_products: a run begun in
+    bfloat16 products on a CPU does not go on in float32 on a GPU, nor the other way). Not the time budget,
+    which only says when a process stops, nor another method's settings."""
+    rome = method_rome(params)
+    rome = replace(rome, value_precision=value_products(lm, rome.value_precision))
+    settings = asdict(replace(params, rome=rome, time_budget=None))
     unused = {"rome": ("memit",), "alphaedit": ("memit",), "memit": ("alphaedit",)}[params.method]
     return {k: v for k, v in settings.items() if k not in unused}
 
@@ -284,10 +293,11 @@ def edit_many(
     params.check()
     if not cases:
         raise UserError("there are no cases to edit")
-    identity = run_id(run_settings(params), [(c.case_id, c.prompt, c.subject, c.target_new) for c in cases])
+    identity = run_id(run_settings(params, lm), [(c.case_id, c.prompt, c.subject, c.target_new) for c in cases])
     saved, saved_edits = (read_checkpoint(checkpoint, identity, lm) if checkpoint is not None else None) or (None, [])
+    params = replace(params, rome=method_rome(params))
     if params.method == "rome":  # its catalogue held out from what is measured (core.evaluation.held_out)
-        params = replace(params, rome=held_out(params.rome or RomeHyperParams(), cases))
+        params = replace(params, rome=held_out(params.rome, cases))
     run_started = time.perf_counter()
     earlier_seconds = saved.seconds if saved else 0.0
     started = run_started - earlier_seconds  # curve and result times count every process's

@@ -448,16 +448,22 @@ class ValueTrace:
     nll: list[float] = field(default_factory=list)
 
 
+def value_products(lm: LoadedModel, precision: str) -> str:
+    """What `precision` resolves to on this model and machine: "bfloat16" (the value optimisation runs a
+    bfloat16 copy of the blocks) or "model" (the model's own blocks). "auto" is "bfloat16" only for a float32
+    model on the CPU (no device map) whose CPU multiplies bfloat16 natively: elsewhere a copy is no faster
+    (GPUs) or slower (other CPUs)."""
+    if precision != "auto":
+        return precision
+    on_cpu = lm.device_map is None and lm.device.type == "cpu"
+    return "bfloat16" if on_cpu and lm.dtype == torch.float32 and native_bfloat16() else "model"
+
+
 def value_blocks(lm: LoadedModel, layer: int, precision: str) -> BlockCopy | None:
     """The bfloat16 copy of the blocks above `layer` that the value optimisation runs on (core/block_copy.py),
-    or None for the model's own blocks. "auto" copies only a float32 model on the CPU (no device map) whose CPU
-    multiplies bfloat16 natively: elsewhere a copy is no faster (GPUs) or slower (other CPUs)."""
-    if precision == "model" or layer + 1 >= lm.num_layers:
+    or None for the model's own blocks (`value_products`)."""
+    if value_products(lm, precision) == "model" or layer + 1 >= lm.num_layers:
         return None
-    if precision == "auto":
-        on_cpu = lm.device_map is None and lm.device.type == "cpu"
-        if not (on_cpu and lm.dtype == torch.float32 and native_bfloat16()):
-            return None
     return copy_blocks(lm, layer + 1)
 
 

@@ -259,6 +259,35 @@ def test_a_checkpoint_of_another_run_is_refused(tiny, cases, tmp_path):
         edit_many(tiny, cases[:2], params, checkpoint=folder)
 
 
+def test_a_run_goes_on_only_in_the_value_products_it_began_with(tiny, cases, tmp_path, monkeypatch):
+    """A checkpoint's identity holds the value precision as it resolved where the run began (core.rome.
+    value_products): "auto" begun in bfloat16 products (a CPU that multiplies them natively) is refused where
+    "auto" means float32 (a GPU, another CPU), and goes on there when asked for bfloat16 by name."""
+    params = ManyParams(method="rome", rome=TINY, fluency_tokens=0, text_scores=False, curve_every=1)
+    folder = tmp_path / "run"
+
+    def native(yes: bool) -> None:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: yes)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+
+    native(True)
+    assert TINY.value_precision == "auto"
+    edit_many(tiny, cases[:2], replace(params, time_budget=0.0), checkpoint=folder)
+    native(False)
+    before = weights(tiny)
+    with pytest.raises(UserError, match="another run"):
+        edit_many(tiny, cases[:2], params, checkpoint=folder)
+    assert all(torch.equal(p, before[n]) for n, p in tiny.model.named_parameters())
+    bfloat16 = replace(params, rome=replace(TINY, value_precision="bfloat16"))
+    result, edits = edit_many(tiny, cases[:2], bfloat16, checkpoint=folder)
+    assert result.cases == 2 and len(edits) == result.n
+    # "model" is the same run as "auto" wherever auto resolves to the model's own products
+    other = tmp_path / "float32"
+    float32 = replace(params, rome=replace(TINY, value_precision="model"), time_budget=0.0)
+    edit_many(tiny, cases[:2], float32, checkpoint=other)
+    assert edit_many(tiny, cases[:2], params, checkpoint=other)[0].cases == 2
+
+
 def test_a_later_edit_of_the_same_fact_supersedes_the_earlier(tiny, cases):
     """Editing a fact again (same subject and prompt, another object): the scores count the latest edit only,
     as if the earlier case were not in the set (with both edits applied)."""

@@ -52,6 +52,11 @@ def add_rome_options(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="the catalogue: a known-facts JSON file (default: data/known_facts.json)",
     )
+    add_value_precision_option(parser)
+
+
+def add_value_precision_option(parser: argparse.ArgumentParser) -> None:
+    """--value-precision: the value optimisation's matrix products (core.rome.value_products)."""
     parser.add_argument(
         "--value-precision",
         choices=VALUE_PRECISIONS,

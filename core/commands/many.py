@@ -6,21 +6,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from core.alphaedit import AlphaEditParams
-from core.commands.common import load, positive_int
+from core.commands.common import add_value_precision_option, load, positive_int
 from core.commands.progress import progress_bar
 from core.counterfact import PROJECT_FILE, load_counterfact
 from core.edits import export_edits
 from core.errors import UserError
 from core.jsonfile import read_json
-from core.many import METHODS, SEQUENTIAL, CurvePoint, ManyParams, cases_from_requests, edit_many
+from core.many import METHODS, SEQUENTIAL, CurvePoint, ManyParams, cases_from_requests, edit_many, method_rome
 from core.memit import MemitParams
 from core.requests import read_requests
-from core.rome import RomeHyperParams
 from core.saving import check_save_folder, save_edited_model
 
 
@@ -63,6 +63,7 @@ def register(subparsers, add_common_options) -> None:
         metavar="DIR",
         help="keep the run in DIR after every curve point; the same command given DIR again goes on from there",
     )
+    add_value_precision_option(parser)
     parser.add_argument("--save", metavar="DIR", help="save the edited model as a Hugging Face folder")
     parser.add_argument("--export", metavar="FILE", help="write the edits (safetensors + JSON metadata)")
     add_common_options(parser)
@@ -86,9 +87,12 @@ def run(args: argparse.Namespace) -> dict:
     if args.null_space and args.method != "memit":
         raise UserError("--null-space is MEMIT's AlphaEdit solve: use it with --method memit")
     alphaedit = AlphaEditParams(null_threshold=args.null_threshold, l2=args.l2)
+    rome = method_rome(ManyParams(method=args.method))  # memit: its values' settings (core.memit.VALUE_SETTINGS)
+    layer = args.layer if args.method in SEQUENTIAL else rome.layer
+    rome = replace(rome, layer=layer, value_precision=args.value_precision)
     params = ManyParams(
         method=args.method,
-        rome=RomeHyperParams(layer=args.layer) if args.method in SEQUENTIAL else None,
+        rome=rome,
         alphaedit=alphaedit,
         memit=MemitParams(null_space=alphaedit if args.null_space else None),
         curve_every=args.curve_every,
@@ -96,8 +100,7 @@ def run(args: argparse.Namespace) -> dict:
         fluency_tokens=max(0, args.fluency_tokens),
         time_budget=args.time_budget,
     )
-    if params.rome:
-        params.rome.check(lm)
+    params.rome.check(lm)
     header = f"{'edits':>6} {'ES':>6} {'PS':>6} {'NS':>6} {'GE':>6} {'fluency':>8} {'norm':>8} {'s':>6}"
     print(header, flush=True)
 
