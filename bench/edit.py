@@ -113,6 +113,7 @@ def ablations(base: RomeHyperParams) -> dict[str, RomeHyperParams]:
         "ctx5+5": replace(base, context_lengths=((5, 5), (10, 5))),
         "ctx10+10": replace(base, context_lengths=((5, 10), (10, 10))),
         "stop-nll": replace(base, early_stop="nll"),
+        "stop-nll-0.01": replace(base, early_stop="nll", early_stop_loss=1e-2),
         "stop-loss": replace(base, early_stop="loss"),
         "stop-none": replace(base, early_stop="none"),
         "solve-mean": replace(base, solve_at="mean"),
@@ -180,6 +181,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(PROJECT_FILE))
     parser.add_argument("--limit", type=int, default=None, help="first N cases of the evaluation set")
     parser.add_argument("--every", type=int, default=1, help="every K-th case (a spread subset for ablations)")
+    parser.add_argument("--offset", type=int, default=0, help="with --every: start at this case (0-based)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--layer", type=int, default=None)
     parser.add_argument("--stats-tokens", type=int, default=DEFAULT_TOKENS)
@@ -230,7 +232,7 @@ def main() -> None:
         return
     if not args.no_latency:
         latency(lm, hp, uncached=not args.cached_only)
-    cases = load_counterfact(args.data, args.limit)[:: args.every]
+    cases = load_counterfact(args.data, args.limit)[args.offset :: args.every]
     print(
         f"evaluation set {args.data}: {len(cases)} cases, layer {default_layer(lm) if hp.layer is None else hp.layer}"
     )

@@ -78,10 +78,10 @@ class RomeHyperParams:
     - the update is solved at the mean key k* (the paper: the plain prompt's key): better neighbourhood.
     - all steps, no early stop (the paper stops once the whole loss < 5e-2, which on the embedded model the
       KL + decay terms alone prevent, so it runs all steps too). Stopping once the target's NLL < 5e-2 (6 steps
-      for the Eiffel Tower -> Rome) gives the same teacher-forced scores, but the model does not *write* the
+      for the Eiffel Tower -> Rome) gives the same teacher-forced scores, but that edit does not *write* the
       new fact: "The Eiffel Tower is located in the United States"; after 20 steps: "... located in Rome,
-      Italy." The optimiser keeps growing delta after the target is likely, and that margin is what shows in
-      free text.
+      Italy." Over 47 of the project's cases it moves text efficacy both ways (0.519 vs 0.515) and cuts the
+      text bleed (0.048 vs 0.064; README, "One change at a time"), so neither is better everywhere.
     - the update also keeps the keys of a catalogue's other subjects (preserve_weight 1, core/preserve.py):
       on the project's 94 cases, with a catalogue holding none of their subjects, NS 0.871 -> 0.928, text bleed
       0.099 -> 0.074, PS 0.973 -> 0.965, ES 1.000 either way.
