@@ -249,9 +249,14 @@ def current_facts(cases: Sequence[CounterFactCase]) -> list[CounterFactCase]:
     return [c for i, c in enumerate(cases) if latest[(c.subject, c.prompt)] == i]
 
 
+def default_rome(method: str) -> RomeHyperParams:
+    """A method's ROME settings when none are given: MEMIT's values' (core.memit.VALUE_SETTINGS), or ROME's."""
+    return VALUE_SETTINGS if method == "memit" else RomeHyperParams()
+
+
 def method_rome(params: ManyParams) -> RomeHyperParams:
     """The ROME settings the method computes with: `params.rome`, or the method's default."""
-    return params.rome or (VALUE_SETTINGS if params.method == "memit" else RomeHyperParams())
+    return params.rome or default_rome(params.method)
 
 
 def run_settings(params: ManyParams, lm: LoadedModel) -> dict:

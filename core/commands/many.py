@@ -18,7 +18,7 @@ from core.counterfact import PROJECT_FILE, load_counterfact
 from core.edits import export_edits
 from core.errors import UserError
 from core.jsonfile import read_json
-from core.many import METHODS, SEQUENTIAL, CurvePoint, ManyParams, cases_from_requests, edit_many, method_rome
+from core.many import METHODS, SEQUENTIAL, CurvePoint, ManyParams, cases_from_requests, default_rome, edit_many
 from core.memit import MemitParams
 from core.requests import read_requests
 from core.saving import check_save_folder, save_edited_model
@@ -87,9 +87,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.null_space and args.method != "memit":
         raise UserError("--null-space is MEMIT's AlphaEdit solve: use it with --method memit")
     alphaedit = AlphaEditParams(null_threshold=args.null_threshold, l2=args.l2)
-    rome = method_rome(ManyParams(method=args.method))  # memit: its values' settings (core.memit.VALUE_SETTINGS)
-    layer = args.layer if args.method in SEQUENTIAL else rome.layer
-    rome = replace(rome, layer=layer, value_precision=args.value_precision)
+    rome = replace(default_rome(args.method), value_precision=args.value_precision)
+    if args.method in SEQUENTIAL:  # --layer is ROME's and AlphaEdit's; MEMIT edits its own layers
+        rome = replace(rome, layer=args.layer)
     params = ManyParams(
         method=args.method,
         rome=rome,
