@@ -118,6 +118,7 @@ def ablations(base: RomeHyperParams) -> dict[str, RomeHyperParams]:
         "stop-none": replace(base, early_stop="none"),
         "solve-mean": replace(base, solve_at="mean"),
         "solve-plain": replace(base, solve_at="plain"),
+        "solve-both": replace(base, solve_at="both"),
         "layer3": replace(base, layer=3),
         "layer4": replace(base, layer=4),
         "kl0": replace(base, kl_factor=0.0),

@@ -12,7 +12,16 @@ from core.covariance import key_statistics, layer_keys
 from core.edits import EditRequest, EditStack, applied
 from core.errors import UserError
 from core.evaluation import names_object
-from core.rome import PAPER, RomeHyperParams, compute_edit, context_texts, rank_one_update, validate_request
+from core.rome import (
+    PAPER,
+    RomeHyperParams,
+    compute_edit,
+    context_texts,
+    rank_one_update,
+    rank_one_update_at_keys,
+    subject_tokens,
+    validate_request,
+)
 
 # small and quick on tiny models: few context texts, a small corpus, the paper's optimiser otherwise
 # (random tiny models cannot be taught a fact: their MLP outputs and unembedding are too small for the
@@ -85,6 +94,49 @@ def test_rank_one_update_is_the_least_change_that_maps_the_key():
     u2, lam2 = rank_one_update(c, k_star, v_star, w, k)
     torch.testing.assert_close(u2, u)
     torch.testing.assert_close((w + torch.outer(lam2, u2)) @ k, v_star)
+
+
+def test_rank_one_update_at_keys_moves_every_key_by_delta_least_elsewhere():
+    """D = delta u^T with u . k_i = 1 at each key; no other D with D k_i = delta for all i moves C's keys less;
+    equal keys give the one-key update's direction, u = C^-1 k / (k^T C^-1 k)."""
+    g = torch.Generator().manual_seed(1)
+    corpus = torch.randn(300, 6, generator=g, dtype=torch.float64) * torch.tensor([3, 2, 1, 1, 0.5, 0.1])
+    c = corpus.T @ corpus / 300
+    keys = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    delta = torch.randn(4, generator=g, dtype=torch.float64)
+    u, v = rank_one_update_at_keys(c, keys, delta)
+    d = torch.outer(v, u)
+    torch.testing.assert_close(d @ keys.T, torch.stack([delta, delta], 1))
+    for _ in range(5):  # any other solution: D + E with E k_i = 0 for both keys
+        e = torch.randn(4, 6, generator=g, dtype=torch.float64)
+        e = e - e @ keys.T @ torch.linalg.solve(keys @ keys.T, keys)
+        torch.testing.assert_close(e @ keys.T, torch.zeros(4, 2, dtype=torch.float64))
+        assert torch.trace((d + e) @ c @ (d + e).T) > torch.trace(d @ c @ d.T)
+    one = keys[:1]
+    u_same, _ = rank_one_update_at_keys(c, torch.cat([one, one]), delta)
+    c_inv_k = torch.linalg.solve(c, one[0])
+    torch.testing.assert_close(u_same, c_inv_k / (one[0] @ c_inv_k))
+
+
+def test_solve_at_both_gives_the_plain_prompts_key_the_whole_delta(tiny):
+    """solve_at="both": the same k* and value as "mean", and W' moves W's output by the same delta at k* and at
+    the plain prompt's key; "mean" gives the plain key only u.k0 / u.k* of it."""
+    hp = replace(TINY, steps=3)
+    both = compute_edit(tiny, REQUEST, replace(hp, solve_at="both"))
+    mean = compute_edit(tiny, REQUEST, replace(hp, solve_at="mean"))
+    torch.testing.assert_close(both.key, mean.key)
+    torch.testing.assert_close(both.value, mean.value)
+    ids, (_, end) = subject_tokens(tiny, REQUEST.prompt, REQUEST.subject)
+    plain_key = layer_keys(tiny, both.layer, torch.tensor([ids]))[0, end - 1].float()
+    assert not torch.allclose(plain_key, both.key, atol=1e-3)
+    delta = both.value - mlp_out(tiny, both.layer, both.key)
+    tol = {"rtol": 1e-4, "atol": 1e-4 * float(delta.abs().max())}
+    for edit, plain_share in ((both, 1.0), (mean, float(mean.u @ plain_key / (mean.u @ mean.key)))):
+        before = mlp_out(tiny, edit.layer, plain_key)
+        with applied(tiny, [edit]):
+            torch.testing.assert_close(mlp_out(tiny, edit.layer, edit.key), edit.value, **tol)
+            torch.testing.assert_close(mlp_out(tiny, edit.layer, plain_key) - before, plain_share * delta, **tol)
+    assert abs(float(mean.u @ plain_key / (mean.u @ mean.key)) - 1) > 1e-3
 
 
 def test_paper_settings_solve_at_the_plain_prompts_key(tiny):
