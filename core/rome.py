@@ -572,10 +572,8 @@ def rank_one_update(
     return u, lam
 
 
-def rank_one_update_at_keys(
-    c: torch.Tensor, keys: torch.Tensor, delta: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(u, delta) with W' = W + delta u^T moving the output by exactly `delta` at every one of `keys` (rows):
+def rank_one_update_at_keys(c: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """u such that W' = W + delta u^T moves the output by exactly delta (any) at every one of `keys` (rows):
     u = C^-1 K (K^T C^-1 K)^-1 1, so u . k_i = 1 for each key.
 
     Why: among all D with D k_i = delta for every i, D = delta u^T with this u minimises tr(D C D^T), the change
@@ -584,11 +582,10 @@ def rank_one_update_at_keys(
     the subject (its key there is the plain prompt's: nothing comes before the subject) gets the whole delta,
     not u.k0 / u.k* of it. The small r x r system is solved in float64 with a pseudo-inverse: near-parallel
     keys make it ill-conditioned but stay consistent (each asks u . k = 1), and equal keys give one key's u."""
-    c_inv_k = torch.linalg.solve(c, keys.T)  # (in, r)
-    gram = keys.double() @ c_inv_k.double()  # (r, r) = K^T C^-1 K
+    c_inv_k = torch.linalg.solve(c, keys.T).double()  # (in, r)
+    gram = keys.double() @ c_inv_k  # (r, r) = K^T C^-1 K
     weights = torch.linalg.pinv(gram, hermitian=True).sum(1)  # (K^T C^-1 K)^+ 1; equal keys: the same u as one
-    u = (c_inv_k.double() @ weights).to(c.dtype)
-    return u, delta
+    return (c_inv_k @ weights).to(c.dtype)
 
 
 # --- the edit ----------------------------------------------------------------------------------------------
@@ -692,7 +689,7 @@ def solve_rows(
         wanted = weight @ solve_key + delta  # W k + delta: the output without the bias, moved by delta
         mom2 = stats.mom2.to(device=lm.device, dtype=torch.float32)
         if hp.solve_at == "both":
-            u, v = rank_one_update_at_keys(mom2, torch.stack([k_star, recording.keys[0]]), delta)
+            u, v = rank_one_update_at_keys(mom2, torch.stack([k_star, recording.keys[0]])), delta
         else:
             u, v = rank_one_update(mom2, k_star, wanted, weight, solve_key)
         value = wanted + (bias.to(device=lm.device, dtype=torch.float32) if bias is not None else 0)
