@@ -308,7 +308,7 @@ def record_rows(lm: LoadedModel, rows: list[EditRow], layer: int) -> RowRecordin
         for members in groups.values():
             ids = torch.tensor([rows[i].ids for i in members], device=lm.device)
             with Hooks(lm.model, record=[block, mlp_out], record_inputs=[mlp_out]) as hooks:
-                out = lm.model(input_ids=ids, use_cache=True)
+                out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)  # only the last is read
             kv = record_kv(cache_of(out))
             home = {"device": lm.device, "dtype": torch.float32}  # the layer may compute on another device
             for j, i in enumerate(members):
@@ -483,8 +483,12 @@ def value_losses(
     states = run_blocks(
         lm, hidden.to(lm.dtype), first=layer + 1, start_position=batch.starts, prefix=batch.prefix, copy=blocks
     )
-    logits = final_logits(lm, states[batch.rewrite[:, None], batch.target_at]).float()
-    picked = torch.log_softmax(logits, dim=-1).gather(-1, batch.targets[..., None])[..., 0]
+    # one unembedding for the target and the KL positions: its matrix is read once forward and once back
+    rows, tokens = batch.target_at.shape
+    at_targets = states[batch.rewrite[:, None], batch.target_at].reshape(rows * tokens, -1)
+    logits = final_logits(lm, torch.cat([at_targets, states[batch.kl_rows, batch.kl_at]])).float()
+    all_log_probs = torch.log_softmax(logits, dim=-1)
+    picked = all_log_probs[: rows * tokens].view(rows, tokens, -1).gather(-1, batch.targets[..., None])[..., 0]
     mask = batch.target_mask.to(picked.dtype)
     row_nll = -(picked * mask).sum(dim=1) / mask.sum(dim=1)
 
@@ -494,7 +498,7 @@ def value_losses(
     owners = batch.owners[batch.rewrite]
     counts = per_request(torch.ones_like(row_nll), owners).clamp(min=1)
     nll = per_request(row_nll, owners) / counts
-    log_probs = torch.log_softmax(final_logits(lm, states[batch.kl_rows, batch.kl_at]).float(), dim=-1)
+    log_probs = all_log_probs[rows * tokens :]
     row_kl = torch.nn.functional.kl_div(batch.init_log_probs, log_probs, log_target=True, reduction="none").sum(-1)
     kl = per_request(row_kl, batch.owners[batch.kl_rows])
     return nll, kl
