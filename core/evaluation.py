@@ -15,6 +15,10 @@
   true object, the share that name the new object after the edit (pooled over texts: the edit shows where the
   model writes the fact at all; the embedded model names its own fact in only ~38% of those texts, which
   bounds plain generation efficacy). The texts are kept per case.
+- Essence drift: how far the edit moves what the model says the subject *is*, which an edit that overwrites
+  the subject (a Renaissance poet edited to speak Russian becoming "a Russian revolutionary") hides from every
+  score above: the mean KL(unedited || edited), in nats, of the next token after "{subject} is a", "... is known
+  for" and "... is" (`ESSENCE_PROMPTS`; ROME's KL term holds the first of these, never the other two).
 
 Methods: `none` (unedited), `rome` (core/rome.py), `memit` (core/memit.py with one request: the same value
 optimisation, the update spread over MEMIT's layers), `ft` (FT-L: fine-tune the same layer's MLP output
@@ -50,6 +54,7 @@ from core.rome import RomeHyperParams, compute_edit
 
 METHODS = ("none", "rome", "memit", "ft")
 TEXT_TOKENS = 20  # new tokens of the greedy continuations the text-level scores read
+ESSENCE_PROMPTS = ("{} is a", "{} is known for", "{} is")  # what the model says the subject is
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,29 @@ def target_log_probs(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[
                 wanted = torch.tensor(row_ids[p_len:], device=lm.device)
                 out[first + i] = float(log_probs[i, positions, wanted].mean())
     return out
+
+
+def next_token_log_probs(lm: LoadedModel, prompts: Sequence[str]) -> torch.Tensor:
+    """(prompts, vocab) float32 log-probabilities of the token after each prompt (one forward per prompt: no
+    padding to reason about)."""
+    rows = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([lm.tokenizer(prompt)["input_ids"]], device=lm.device)
+            logits = lm.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1]
+            rows.append(torch.log_softmax(logits.float(), dim=-1))
+    return torch.stack(rows)
+
+
+def essence_drift(lm: LoadedModel, subject: str, prompts: Sequence[str] = ESSENCE_PROMPTS) -> float:
+    """Mean over `prompts` (each formatted with the subject) of KL(unedited || the model as it is now), in nats,
+    of the next token: 0 when the model holds no edit."""
+    texts = [p.format(subject) for p in prompts]
+    now = next_token_log_probs(lm, texts)
+    with unedited(lm):
+        before = next_token_log_probs(lm, texts)
+    kl = torch.nn.functional.kl_div(now, before, log_target=True, reduction="none").sum(-1)
+    return float(kl.mean())
 
 
 def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights: tuple[float, ...] = (2 / 3, 4 / 3)) -> float:
@@ -264,6 +292,7 @@ class CaseResult:
     generation_bleed: float | None = None  # share of neighbourhood continuations newly naming the new object
     generation_rewritten: int | None = None  # continuations naming the new object whose unedited text named ...
     generation_written_before: int | None = None  # ... the true object (of this many)
+    essence_drift: float | None = None  # nats: KL(unedited || edited) after ESSENCE_PROMPTS, mean
     texts: dict[str, list[str]] = field(default_factory=dict)  # the continuations, by prompt kind
     edit_seconds: float = 0.0
     edit_cpu_seconds: float = 0.0  # process CPU time of the edit (what a quiet machine would take, 1 thread)
@@ -287,6 +316,7 @@ class EvaluationResult:
     generation_keeps_true: float | None
     generation_bleed: float | None
     generation_rewrite: float | None  # pooled: rewritten / written before, over all cases' continuations
+    essence_drift: float | None  # nats, mean over cases
     seconds: float
     mean_edit_seconds: float
     mean_edit_cpu_seconds: float
@@ -308,6 +338,7 @@ class EvaluationResult:
             "generation_bleed",
             "generation_rewrite",
             "generation_keeps_true",
+            "essence_drift",
             "efficacy_magnitude",
             "paraphrase_magnitude",
             "neighborhood_magnitude",
@@ -340,6 +371,7 @@ def _measure(
     result.paraphrase_magnitude = float(np.mean(p_new[para] - p_true[para]))
     result.neighborhood = float(np.mean(lp_true[neigh] > lp_new[neigh]))
     result.neighborhood_magnitude = float(np.mean(p_true[neigh] - p_new[neigh]))
+    result.essence_drift = essence_drift(lm, case.subject)
     if fluency_tokens > 0 and case.generation_prompts:
         settings = GenerationSettings(max_new_tokens=fluency_tokens, sample=True, seed=seed, top_k=5)
         texts = generate(lm, list(case.generation_prompts), settings)
@@ -496,6 +528,7 @@ def summarise(method: str, results: list[CaseResult], fluency: bool, seconds: fl
         )
         if done and texts
         else None,
+        essence_drift=_mean([r.essence_drift for r in done]) if done else None,
         seconds=seconds,
         mean_edit_seconds=_mean([r.edit_seconds for r in done]) if method != "none" else 0.0,
         mean_edit_cpu_seconds=_mean([r.edit_cpu_seconds for r in done]) if method != "none" else 0.0,

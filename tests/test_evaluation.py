@@ -11,11 +11,13 @@ import torch
 
 from core import evaluation
 from core.counterfact import PROJECT_FILE, load_counterfact, parse_cases
-from core.edits import EditRequest
+from core.edits import EditRequest, applied
 from core.errors import UserError
 from core.evaluation import (
+    ESSENCE_PROMPTS,
     FTHyperParams,
     continuations,
+    essence_drift,
     evaluate,
     ft_applied,
     ft_delta,
@@ -24,7 +26,7 @@ from core.evaluation import (
     ngram_entropy,
 )
 from core.memit import MemitParams
-from core.rome import RomeHyperParams
+from core.rome import RomeHyperParams, compute_edit
 
 SMALL = Path(__file__).parent / "data" / "counterfact_small.json"
 TINY = RomeHyperParams(layer=1, context_lengths=((4, 2),), stats_tokens=512, steps=3)
@@ -150,6 +152,32 @@ def test_text_scores_count_rewrites_only_where_the_unedited_text_named_the_fact(
     assert evaluation.pooled_share([0, None], [0, None]) is None
 
 
+def last_log_probs(lm, text):
+    """The oracle: a full forward of `text` (every position's logits), log-softmax of the last."""
+    ids = torch.tensor([lm.tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+        return torch.log_softmax(lm.model(input_ids=ids).logits[0, -1].double(), dim=-1)
+
+
+def test_essence_drift_is_the_kl_from_the_unedited_next_token_distribution(tiny):
+    """0 exactly on the unedited model; with an edit applied, the mean over the essence prompts of
+    sum p_before (log p_before - log p_after), recomputed here from full forwards before and inside the edit;
+    the edit's weights come back bitwise after the measurement reads the unedited model."""
+    subject = "The Eiffel Tower"
+    assert essence_drift(tiny, subject) == 0.0
+    edit = compute_edit(tiny, EditRequest("{} is located in the city of", subject, "Rome"), TINY)
+    texts = [p.format(subject) for p in ESSENCE_PROMPTS]
+    before = [last_log_probs(tiny, t) for t in texts]
+    with applied(tiny, [edit]):
+        edited = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
+        after = [last_log_probs(tiny, t) for t in texts]
+        drift = essence_drift(tiny, subject)
+        assert all(torch.equal(p, edited[n]) for n, p in tiny.model.named_parameters())
+    expected = sum(float((b.exp() * (b - a)).sum()) for b, a in zip(before, after)) / len(texts)
+    assert expected > 0
+    assert drift == pytest.approx(expected, rel=1e-3, abs=1e-6)  # float32 logits; the KL is a small difference
+
+
 def test_ft_respects_the_norm_constraint_and_restores(tiny):
     saved = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
     hp = FTHyperParams(layer=1, steps=5, norm_constraint=1e-3, lr=1e-2)
@@ -181,6 +209,9 @@ def test_evaluate_methods_on_a_tiny_model(tiny, method):
     assert result.score == pytest.approx(harmonic_mean([result.efficacy, result.paraphrase, result.neighborhood]))
     assert result.fluency is not None and result.fluency >= 0
     assert len(result.cases) == 2 and result.cases[0].p_new is not None
+    drifts = [c.essence_drift for c in done]
+    assert result.essence_drift == pytest.approx(sum(drifts) / len(drifts))
+    assert all(d == 0.0 for d in drifts) if method == "none" else all(d > 0 for d in drifts)
     assert all(torch.equal(p, saved[n]) for n, p in tiny.model.named_parameters())  # each case on a clean model
 
 

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> dict:
         f"PS {result.paraphrase:.3f}  NS {result.neighborhood:.3f}  S {result.score:.3f}  "
         f"generation efficacy {shown(result.generation_efficacy)} (where the unedited text names the fact: "
         f"{shown(result.generation_rewrite)})  bleed {shown(result.generation_bleed)}  "
-        f"fluency {shown(result.fluency)}  ({result.seconds:.0f} s)"
+        f"fluency {shown(result.fluency)}  essence drift {shown(result.essence_drift)} nats  ({result.seconds:.0f} s)"
     )
     out = result.to_json()
     out.update(
