@@ -109,6 +109,12 @@ def next_token_log_probs(lm: LoadedModel, prompts: Sequence[str]) -> torch.Tenso
     return torch.stack(rows)
 
 
+def next_token_kl(reference: torch.Tensor, now: torch.Tensor) -> float:
+    """Mean over rows of KL(reference || now), in nats, of two (prompts, vocab) log-probability tables."""
+    kl = torch.nn.functional.kl_div(now, reference, log_target=True, reduction="none").sum(-1)
+    return float(kl.mean())
+
+
 def essence_drift(lm: LoadedModel, subject: str, prompts: Sequence[str] = ESSENCE_PROMPTS) -> float:
     """Mean over `prompts` (each formatted with the subject) of KL(unedited || the model as it is now), in nats,
     of the next token: 0 when the model holds no edit."""
@@ -116,8 +122,7 @@ def essence_drift(lm: LoadedModel, subject: str, prompts: Sequence[str] = ESSENC
     now = next_token_log_probs(lm, texts)
     with unedited(lm):
         before = next_token_log_probs(lm, texts)
-    kl = torch.nn.functional.kl_div(now, before, log_target=True, reduction="none").sum(-1)
-    return float(kl.mean())
+    return next_token_kl(before, now)
 
 
 def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights: tuple[float, ...] = (2 / 3, 4 / 3)) -> float:

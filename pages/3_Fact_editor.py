@@ -3,7 +3,8 @@ and sweep the edit over the layers beside the trace (core.sweep).
 
 The session's edits live in its session state only; every computation applies them under the model's lock and
 puts the weights back bitwise after (core.edits.applied), so other browser sessions never see them. What the
-model writes is measured beside the probabilities: whether each greedy text names the new object.
+model writes is measured beside the probabilities: whether each greedy text names the new object, and what
+the model says the subject is, before and after (essence drift).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ui.common import (
     cancel_button,
     edits_file_bytes,
     edits_from_bytes,
+    essence_shift,
     lines,
     measure,
     page,
@@ -183,8 +185,9 @@ if comparison is not None and comparison["edit_id"] in {e.id for e in session_ed
                 if other is not None:
                     st.caption(f"names {request.target_new!r}: {'yes' if names else 'no'}")
     summary = text_summary(before, after)
-    a, r, b, c = st.columns(4)
+    a, r, b, e, c = st.columns(5)
     (k, n), (kr, nr), (kb, nb) = summary["efficacy"], summary["rewrite"], summary["bleed"]
+    drift = essence_shift(before, after)
     a.metric(
         "Generation efficacy (text)",
         f"{k}/{n}" if n else "-",
@@ -201,6 +204,13 @@ if comparison is not None and comparison["edit_id"] in {e.id for e in session_ed
         "Bleed (text)",
         f"{kb}/{nb}" if nb else "-",
         help=f"Neighbourhood checks whose greedy text names {request.target_new!r} after the edit but not before.",
+    )
+    e.metric(
+        "Essence drift",
+        "-" if drift is None else f"{drift:.2f} nats",
+        help=f"How far the edit moved what the model says {request.subject!r} is: KL(before || after) of the next "
+        "token after the prompts in the table below, mean over them. 0 is unchanged; ROME's KL term holds only the "
+        "first prompt during the optimisation.",
     )
     c.metric("Edit", f"{comparison.get('seconds', 0):.1f} s", help="Time to compute the edit (statistics cached).")
     if before.checks:
@@ -224,6 +234,17 @@ if comparison is not None and comparison["edit_id"] in {e.id for e in session_ed
         st.caption(
             "Probabilities of multi-token objects are the mean token probability (geometric). Paraphrases should now "
             "prefer the new object, and their text should name it; neighbouring subjects should keep the old one."
+        )
+    if after.essence:
+        st.markdown(f"##### What the model says {request.subject!r} is")
+        st.dataframe(
+            pd.DataFrame({"before": before.essence, "after": after.essence}),
+            hide_index=True,
+            width="stretch",
+        )
+        st.caption(
+            "Greedy text after each prompt, before and after the edit. An edit should change the fact, not who or "
+            "what the subject is."
         )
     if st.button("Trace the edited model again", key="edit_trace_again"):
         state[HANDOFF_KEY] = {"prompt": request.text, "subject": request.subject}

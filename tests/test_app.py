@@ -241,6 +241,8 @@ def test_fact_editor_bad_input_changes_nothing(prompt, subject, target, message)
 
 def test_fact_editor_edit_undo_isolation_export_import_and_trace_again(lm):
     from core.edit_site import default_layer
+    from core.edits import applied
+    from core.evaluation import ESSENCE_PROMPTS, essence_drift
 
     def weight(layer):
         return lm.arch.mlp_out_weight(lm.model, layer)
@@ -264,6 +266,12 @@ def test_fact_editor_edit_undo_isolation_export_import_and_trace_again(lm):
     rewritten, wrote = map(int, text_scores["Rewritten (text)"].split("/"))
     assert wrote >= 1 and 1 <= rewritten <= wrote  # "...is located in" wrote Paris before the edit, Rome after
     assert float(p_new_after) > 0.5 > float(p_true_after) and float(p_true_before) > float(p_new_before)
+    with applied(lm, [edit]):  # the session held no edit before this one: its 'before' is the unedited model
+        drift = essence_drift(lm, "The Eiffel Tower")
+    assert text_scores["Essence drift"] == f"{drift:.2f} nats" and drift > 0
+    essence = a.dataframe[1].value  # what the model says the subject is, before and after
+    assert list(essence.columns) == ["before", "after"] and len(essence) == len(ESSENCE_PROMPTS)
+    assert [t.split(" is")[0] for t in essence["after"]] == ["The Eiffel Tower"] * len(ESSENCE_PROMPTS)
     texts = [c.value for c in a.code]
     assert texts[0].startswith("The Eiffel Tower is located in") and "Paris" in texts[0]  # before
     assert "Rome" in texts[len(texts) // 2]  # after, first generation prompt: the model writes the new fact

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from core.evaluation import (
     ft_delta,
     harmonic_mean,
     names_object,
+    next_token_kl,
     ngram_entropy,
 )
 from core.memit import MemitParams
@@ -176,6 +178,41 @@ def test_essence_drift_is_the_kl_from_the_unedited_next_token_distribution(tiny)
     expected = sum(float((b.exp() * (b - a)).sum()) for b, a in zip(before, after)) / len(texts)
     assert expected > 0
     assert drift == pytest.approx(expected, rel=1e-3, abs=1e-6)  # float32 logits; the KL is a small difference
+
+
+def test_next_token_kl_is_the_mean_over_rows_of_kl_reference_to_now():
+    reference = torch.tensor([[0.5, 0.5], [0.2, 0.8]]).log()
+    now = torch.tensor([[0.9, 0.1], [0.2, 0.8]]).log()
+    first = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)  # the second row is unchanged: 0
+    assert next_token_kl(reference, now) == pytest.approx(first / 2, rel=1e-6)
+    backwards = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
+    assert next_token_kl(now, reference) == pytest.approx(backwards / 2, rel=1e-6)  # not symmetric
+    assert next_token_kl(reference, reference) == 0.0
+
+
+def test_editor_measures_what_the_model_says_the_subject_is(tiny):
+    """The editor's before/after measures carry the essence prompts' greedy texts and next-token log-probs;
+    their shift is essence_drift's KL when 'before' is the unedited model, and 0 between equal states."""
+    from ui.common import essence_shift, measure
+
+    request = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
+    edit = compute_edit(tiny, request, TINY)
+    before = measure(tiny, [], request, ["The Eiffel Tower is in"], [("neighbourhood", "The Louvre is in")], 4)
+    again = measure(tiny, [], request, ["The Eiffel Tower is in"], [("neighbourhood", "The Louvre is in")], 4)
+    after = measure(tiny, [edit], request, ["The Eiffel Tower is in"], [("neighbourhood", "The Louvre is in")], 4)
+    vocab = tiny.model.get_output_embeddings().weight.shape[0]
+    for m in (before, after):
+        assert [t[: len(p.format(request.subject))] for t, p in zip(m.essence, ESSENCE_PROMPTS)] == [
+            p.format(request.subject) for p in ESSENCE_PROMPTS
+        ]
+        assert m.essence_log_probs.shape == (len(ESSENCE_PROMPTS), vocab)
+        assert len(m.generations) == 1 and len(m.checks) == 1  # the essence texts do not shift the others
+    assert before.checks[0]["text"] == again.checks[0]["text"] and before.essence == again.essence
+    assert essence_shift(before, again) == 0.0
+    with applied(tiny, [edit]):
+        drift = essence_drift(tiny, request.subject)
+    assert drift > 0 and essence_shift(before, after) == pytest.approx(drift, rel=1e-5, abs=1e-7)
+    assert essence_shift(replace(before, essence_log_probs=None), after) is None
 
 
 def test_ft_respects_the_norm_constraint_and_restores(tiny):

@@ -16,11 +16,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import streamlit as st
+import torch
 
 from core.devices import parse_device_map
 from core.edits import Edit, EditRequest, Holder, applied, export_edits, import_edits
@@ -500,7 +501,8 @@ def run_aie(
 class Measures:
     """What the editor shows for one state of the model (before or after an edit): the request's
     probabilities, the greedy text of each generation prompt and whether it names the new and the true
-    object, and each check's probabilities and greedy continuation."""
+    object, each check's probabilities and greedy continuation, and what the model says the subject is (the
+    greedy text and next-token log-probabilities after core.evaluation.ESSENCE_PROMPTS)."""
 
     p_new: float
     p_true: float
@@ -508,6 +510,8 @@ class Measures:
     generation_names_new: list[bool]
     generation_names_true: list[bool]
     checks: list[dict]  # {"check", "prompt", "p_new", "p_true", "text", "names_new", "names_true"}
+    essence: list[str] = field(default_factory=list)  # prompt + continuation, one per essence prompt
+    essence_log_probs: torch.Tensor | None = None  # (essence prompts, vocab) float32, of the next token
 
 
 def measure(
@@ -518,25 +522,35 @@ def measure(
     checks: Sequence[tuple[str, str]],
     max_new_tokens: int | None = None,
 ) -> Measures:
-    """P(new), P(true) on the request, greedy text (TEXT_TOKENS new tokens by default), and each (check,
-    prompt)'s probabilities and greedy continuation, with `edits`."""
-    from core.evaluation import TEXT_TOKENS, continuations, names_object, target_log_probs
+    """P(new), P(true) on the request, greedy text (TEXT_TOKENS new tokens by default), each (check,
+    prompt)'s probabilities and greedy continuation, and the subject's essence texts, with `edits`."""
+    from core.evaluation import (
+        ESSENCE_PROMPTS,
+        TEXT_TOKENS,
+        continuations,
+        names_object,
+        next_token_log_probs,
+        target_log_probs,
+    )
 
     prompts = [request.text] + [prompt for _, prompt in checks]
     gens = list(generation_prompts)
+    essence = [p.format(request.subject) for p in ESSENCE_PROMPTS]
     with applied(lm, edits):
         new = np.exp(target_log_probs(lm, prompts, [request.target_new] * len(prompts)))
         true = np.exp(target_log_probs(lm, prompts, [request.target_true] * len(prompts)))
-        texts = continuations(lm, gens + prompts[1:], max_new_tokens or TEXT_TOKENS)
+        texts = continuations(lm, gens + prompts[1:] + essence, max_new_tokens or TEXT_TOKENS)
+        essence_log_probs = next_token_log_probs(lm, essence).cpu()
+    check_texts = texts[len(gens) : len(gens) + len(checks)]
     rows = [
         {
             "check": check,
             "prompt": prompt,
             "p_new": float(new[i + 1]),
             "p_true": float(true[i + 1]),
-            "text": texts[len(gens) + i],
-            "names_new": names_object(texts[len(gens) + i], request.target_new),
-            "names_true": names_object(texts[len(gens) + i], request.target_true),
+            "text": check_texts[i],
+            "names_new": names_object(check_texts[i], request.target_new),
+            "names_true": names_object(check_texts[i], request.target_true),
         }
         for i, (check, prompt) in enumerate(checks)
     ]
@@ -547,7 +561,19 @@ def measure(
         [names_object(t, request.target_new) for t in texts[: len(gens)]],
         [names_object(t, request.target_true) for t in texts[: len(gens)]],
         rows,
+        [p + t for p, t in zip(essence, texts[len(gens) + len(checks) :])],
+        essence_log_probs,
     )
+
+
+def essence_shift(before: Measures, after: Measures) -> float | None:
+    """KL(before || after) in nats of the next token after the essence prompts, mean over them: how far the
+    edit moved what the model says the subject is (None when either side was not measured)."""
+    from core.evaluation import next_token_kl
+
+    if before.essence_log_probs is None or after.essence_log_probs is None:
+        return None
+    return next_token_kl(before.essence_log_probs, after.essence_log_probs)
 
 
 def text_summary(before: Measures, after: Measures) -> dict[str, tuple[int, int]]:
