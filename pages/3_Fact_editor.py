@@ -237,11 +237,7 @@ if comparison is not None and comparison["edit_id"] in {e.id for e in session_ed
         )
     if after.essence:
         st.markdown(f"##### What the model says {request.subject!r} is")
-        st.dataframe(
-            pd.DataFrame({"before": before.essence, "after": after.essence}),
-            hide_index=True,
-            width="stretch",
-        )
+        st.table(pd.DataFrame({"before": before.essence, "after": after.essence}), hide_index=True)  # wraps
         st.caption(
             "Greedy text after each prompt, before and after the edit. An edit should change the fact, not who or "
             "what the subject is."

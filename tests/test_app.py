@@ -269,7 +269,7 @@ def test_fact_editor_edit_undo_isolation_export_import_and_trace_again(lm):
     with applied(lm, [edit]):  # the session held no edit before this one: its 'before' is the unedited model
         drift = essence_drift(lm, "The Eiffel Tower")
     assert text_scores["Essence drift"] == f"{drift:.2f} nats" and drift > 0
-    essence = a.dataframe[1].value  # what the model says the subject is, before and after
+    essence = a.table[0].value  # what the model says the subject is, before and after
     assert list(essence.columns) == ["before", "after"] and len(essence) == len(ESSENCE_PROMPTS)
     assert [t.split(" is")[0] for t in essence["after"]] == ["The Eiffel Tower"] * len(ESSENCE_PROMPTS)
     texts = [c.value for c in a.code]
