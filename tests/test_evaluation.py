@@ -1,4 +1,4 @@
-"""CounterFact loading, the metrics, FT-L and evaluation of none / rome / ft."""
+"""CounterFact loading, the metrics, FT-L, evaluation of none / rome / ft, and the editor's before/after measures."""
 
 from __future__ import annotations
 
