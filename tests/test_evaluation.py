@@ -208,6 +208,8 @@ def test_editor_measures_what_the_model_says_the_subject_is(tiny):
         assert m.essence_log_probs.shape == (len(ESSENCE_PROMPTS), vocab)
         assert len(m.generations) == 1 and len(m.checks) == 1  # the essence texts do not shift the others
     assert before.checks[0]["text"] == again.checks[0]["text"] and before.essence == again.essence
+    alone = continuations(tiny, ["The Eiffel Tower is in", "The Louvre is in"], 4)  # without the essence prompts
+    assert [before.generations[0], before.checks[0]["text"]] == ["The Eiffel Tower is in" + alone[0], alone[1]]
     assert essence_shift(before, again) == 0.0
     with applied(tiny, [edit]):
         drift = essence_drift(tiny, request.subject)
