@@ -115,10 +115,15 @@ def next_token_kl(reference: torch.Tensor, now: torch.Tensor) -> float:
     return float(kl.mean())
 
 
+def essence_texts(subject: str, prompts: Sequence[str] = ESSENCE_PROMPTS) -> list[str]:
+    """The prompts that ask what the subject is, the subject filled in."""
+    return [p.format(subject) for p in prompts]
+
+
 def essence_drift(lm: LoadedModel, subject: str, prompts: Sequence[str] = ESSENCE_PROMPTS) -> float:
     """Mean over `prompts` (each formatted with the subject) of KL(unedited || the model as it is now), in nats,
     of the next token: 0 when the model holds no edit."""
-    texts = [p.format(subject) for p in prompts]
+    texts = essence_texts(subject, prompts)
     now = next_token_log_probs(lm, texts)
     with unedited(lm):
         before = next_token_log_probs(lm, texts)

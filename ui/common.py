@@ -525,9 +525,9 @@ def measure(
     """P(new), P(true) on the request, greedy text (TEXT_TOKENS new tokens by default), each (check,
     prompt)'s probabilities and greedy continuation, and the subject's essence texts, with `edits`."""
     from core.evaluation import (
-        ESSENCE_PROMPTS,
         TEXT_TOKENS,
         continuations,
+        essence_texts,
         names_object,
         next_token_log_probs,
         target_log_probs,
@@ -535,7 +535,7 @@ def measure(
 
     prompts = [request.text] + [prompt for _, prompt in checks]
     gens = list(generation_prompts)
-    essence = [p.format(request.subject) for p in ESSENCE_PROMPTS]
+    essence = essence_texts(request.subject)
     with applied(lm, edits):
         new = np.exp(target_log_probs(lm, prompts, [request.target_new] * len(prompts)))
         true = np.exp(target_log_probs(lm, prompts, [request.target_true] * len(prompts)))
