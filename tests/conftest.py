@@ -33,8 +33,10 @@ def tiny(request, tokenizer) -> LoadedModel:
 
 
 @pytest.fixture
-def tiny_folder(tmp_path, tokenizer):
-    """A tiny random GPT-2 saved as a Hugging Face folder (for commands that take --model)."""
+def tiny_folder(tmp_path, tokenizer, monkeypatch):
+    """A tiny random GPT-2 saved as a Hugging Face folder (for commands that take --model). The test's caches
+    (statistics, contexts) go to its own folder: a model at a temporary path leaves nothing in the user's."""
+    monkeypatch.setenv("ROME_STUDIO_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "tiny"
     tiny_model("gpt2", tokenizer).model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
