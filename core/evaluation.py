@@ -55,6 +55,7 @@ from core.rome import RomeHyperParams, compute_edit
 METHODS = ("none", "rome", "memit", "ft")
 TEXT_TOKENS = 20  # new tokens of the greedy continuations the text-level scores read
 ESSENCE_PROMPTS = ("{} is a", "{} is known for", "{} is")  # what the model says the subject is
+TOP_TOKENS = 5  # next tokens listed before and after an edit
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,13 @@ def next_token_log_probs(lm: LoadedModel, prompts: Sequence[str]) -> torch.Tenso
             logits = lm.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1]
             rows.append(torch.log_softmax(logits.float(), dim=-1))
     return torch.stack(rows)
+
+
+def top_next_tokens(lm: LoadedModel, log_probs: torch.Tensor, k: int = TOP_TOKENS) -> list[tuple[str, float]]:
+    """The `k` likeliest next tokens of one row of `next_token_log_probs`, as (decoded token, probability),
+    likeliest first."""
+    values, ids = torch.topk(log_probs.float(), min(k, log_probs.shape[-1]))
+    return [(lm.tokenizer.decode([int(i)]), float(v.exp())) for v, i in zip(values, ids)]
 
 
 def next_token_kl(reference: torch.Tensor, now: torch.Tensor) -> float:

@@ -3,8 +3,8 @@ and sweep the edit over the layers beside the trace (core.sweep).
 
 The session's edits live in its session state only; every computation applies them under the model's lock and
 puts the weights back bitwise after (core.edits.applied), so other browser sessions never see them. What the
-model writes is measured beside the probabilities: whether each greedy text names the new object, and what
-the model says the subject is, before and after (essence drift).
+model writes is measured beside the probabilities: the likeliest next tokens after the request's prompt, whether
+each greedy text names the new object, and what the model says the subject is, before and after (essence drift).
 """
 
 from __future__ import annotations
@@ -180,6 +180,15 @@ if comparison is not None and comparison["edit_id"] in {e.id for e in session_ed
                 f"{m.p_true:.4f}",
                 None if other is None else f"{m.p_true - other.p_true:+.4f}",
             )
+            if m.next_tokens:
+                st.dataframe(
+                    pd.DataFrame(
+                        {"next token": [repr(t) for t, _ in m.next_tokens], "p": [p for _, p in m.next_tokens]}
+                    ),
+                    hide_index=True,
+                    column_config={"p": st.column_config.NumberColumn(format="%.4f")},
+                    key=f"edit_next_{name.lower()}",
+                )
             for text, names in zip(m.generations, m.generation_names_new):
                 st.code(text, language=None, wrap_lines=True)
                 if other is not None:

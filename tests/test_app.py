@@ -275,7 +275,11 @@ def test_fact_editor_edit_undo_isolation_export_import_and_trace_again(lm):
     texts = [c.value for c in a.code]
     assert texts[0].startswith("The Eiffel Tower is located in") and "Paris" in texts[0]  # before
     assert "Rome" in texts[len(texts) // 2]  # after, first generation prompt: the model writes the new fact
-    table = a.dataframe[0].value
+    next_before, next_after, table = (d.value for d in a.dataframe[:3])  # likeliest next tokens, then the checks
+    assert list(next_before.columns) == ["next token", "p"] and len(next_before) == len(next_after) == 5
+    assert next_before["p"].is_monotonic_decreasing and next_after["p"].is_monotonic_decreasing
+    assert next_before["next token"][0] == "' Paris'" and f"{next_before['p'][0]:.4f}" == p_true_before
+    assert next_after["next token"][0] == "' Rome'" and f"{next_after['p'][0]:.4f}" == p_new_after
     assert torch.equal(weight(edit.layer), original)  # the shared weights carry no edit between runs
     assert list(table["check"]) == ["paraphrase", "paraphrase", "neighbourhood", "neighbourhood"]
     assert list(table["text names Rome"]) == ["yes" if "Rome" in t else "no" for t in table["text after"]]

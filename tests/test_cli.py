@@ -147,3 +147,28 @@ def test_aie_json_contract(tmp_path, capsys):
     code, _, _ = run_cli(["aie", "--facts", str(facts), "--samples", "2", "--json", str(out)], capsys)
     data = json.loads(out.read_text())
     assert data["n"] == 2 and data["skipped"] == 1
+
+
+def test_edit_prints_and_writes_the_likeliest_next_tokens_before_and_after(tmp_path, tiny_folder, capsys):
+    """`edit` lists the request prompt's five likeliest next tokens before and after the edit: the same as the
+    model computes them apart, unedited and with the exported edit applied."""
+    from core.edits import applied, import_edits
+    from core.evaluation import TOP_TOKENS, next_token_log_probs
+    from core.models import load_model
+
+    out, exported = tmp_path / "edit.json", tmp_path / "edit.safetensors"
+    args = ["edit", "--prompt", "{} is located in", "--subject", "The Eiffel Tower", "--target", "Rome"]
+    args += ["--layer", "1", "--stats-tokens", "256", "--model", str(tiny_folder), "--device", "cpu"]
+    code, stdout, err = run_cli([*args, "--export", str(exported), "--json", str(out)], capsys)
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    lm = load_model(str(tiny_folder), device="cpu")
+    for name, edits in (("before", []), ("after", import_edits(exported, lm))):
+        with applied(lm, edits):
+            probs, ids = next_token_log_probs(lm, ["The Eiffel Tower is located in"])[0].exp().sort(descending=True)
+        listed = data[f"next_tokens_{name}"]
+        assert [t for t, _ in listed] == [lm.tokenizer.decode([int(i)]) for i in ids[:TOP_TOKENS]]
+        assert [p for _, p in listed] == pytest.approx(probs[:TOP_TOKENS].tolist(), rel=1e-4)
+        (line,) = [s for s in stdout.splitlines() if s.startswith(f"  next {name}:")]
+        assert line.split(":", 1)[1].lstrip().startswith(f"{listed[0][0]!r} {listed[0][1]:.3f} · ")
+    assert data["next_tokens_before"] != data["next_tokens_after"]

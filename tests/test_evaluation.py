@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from core.edits import EditRequest, applied
 from core.errors import UserError
 from core.evaluation import (
     ESSENCE_PROMPTS,
+    TOP_TOKENS,
     FTHyperParams,
     continuations,
     essence_drift,
@@ -25,7 +27,9 @@ from core.evaluation import (
     harmonic_mean,
     names_object,
     next_token_kl,
+    next_token_log_probs,
     ngram_entropy,
+    top_next_tokens,
 )
 from core.memit import MemitParams
 from core.rome import RomeHyperParams, compute_edit
@@ -215,6 +219,22 @@ def test_editor_measures_what_the_model_says_the_subject_is(tiny):
         drift = essence_drift(tiny, request.subject)
     assert drift > 0 and essence_shift(before, after) == pytest.approx(drift, rel=1e-5, abs=1e-7)
     assert essence_shift(replace(before, essence_log_probs=None), after) is None
+    for m, edits in ((before, []), (after, [edit])):  # the request's likeliest next tokens, computed apart
+        with applied(tiny, edits):
+            probs, ids = next_token_log_probs(tiny, [request.text])[0].exp().sort(descending=True)
+        assert [t for t, _ in m.next_tokens] == [tiny.tokenizer.decode([int(i)]) for i in ids[:TOP_TOKENS]]
+        assert [p for _, p in m.next_tokens] == pytest.approx(probs[:TOP_TOKENS].tolist(), rel=1e-5)
+    assert before.next_tokens != after.next_tokens
+
+
+def test_top_next_tokens_lists_the_likeliest_first(tokenizer):
+    lm = SimpleNamespace(tokenizer=tokenizer)  # only the tokenizer is read
+    ids = tokenizer(" Rome Paris London")["input_ids"]
+    assert len(ids) == 3
+    log_probs = torch.full((tokenizer.vocab_size,), -30.0)
+    log_probs[ids] = torch.tensor([0.5, 0.3, 0.2]).log()
+    top = top_next_tokens(lm, log_probs, 2)
+    assert [t for t, _ in top] == [" Rome", " Paris"] and [p for _, p in top] == pytest.approx([0.5, 0.3])
 
 
 def test_ft_respects_the_norm_constraint_and_restores(tiny):

@@ -501,8 +501,9 @@ def run_aie(
 class Measures:
     """What the editor shows for one state of the model (before or after an edit): the request's
     probabilities, the greedy text of each generation prompt and whether it names the new and the true
-    object, each check's probabilities and greedy continuation, and what the model says the subject is (the
-    greedy text and next-token log-probabilities after core.evaluation.ESSENCE_PROMPTS)."""
+    object, each check's probabilities and greedy continuation, what the model says the subject is (the
+    greedy text and next-token log-probabilities after core.evaluation.ESSENCE_PROMPTS), and the likeliest
+    next tokens after the request's prompt (core.evaluation.TOP_TOKENS of them, with probabilities)."""
 
     p_new: float
     p_true: float
@@ -512,6 +513,7 @@ class Measures:
     checks: list[dict]  # {"check", "prompt", "p_new", "p_true", "text", "names_new", "names_true"}
     essence: list[str] = field(default_factory=list)  # prompt + continuation, one per essence prompt
     essence_log_probs: torch.Tensor | None = None  # (essence prompts, vocab) float32, of the next token
+    next_tokens: list[tuple[str, float]] = field(default_factory=list)  # the request's likeliest next tokens
 
 
 def measure(
@@ -522,8 +524,9 @@ def measure(
     checks: Sequence[tuple[str, str]],
     max_new_tokens: int | None = None,
 ) -> Measures:
-    """P(new), P(true) on the request, greedy text (TEXT_TOKENS new tokens by default), each (check,
-    prompt)'s probabilities and greedy continuation, and the subject's essence texts, with `edits`."""
+    """P(new), P(true) and the likeliest next tokens on the request, greedy text (TEXT_TOKENS new tokens by
+    default), each (check, prompt)'s probabilities and greedy continuation, and the subject's essence texts,
+    with `edits`."""
     from core.evaluation import (
         TEXT_TOKENS,
         continuations,
@@ -531,6 +534,7 @@ def measure(
         names_object,
         next_token_log_probs,
         target_log_probs,
+        top_next_tokens,
     )
 
     prompts = [request.text] + [prompt for _, prompt in checks]
@@ -540,7 +544,7 @@ def measure(
         new = np.exp(target_log_probs(lm, prompts, [request.target_new] * len(prompts)))
         true = np.exp(target_log_probs(lm, prompts, [request.target_true] * len(prompts)))
         texts = continuations(lm, gens + prompts[1:] + essence, max_new_tokens or TEXT_TOKENS)
-        essence_log_probs = next_token_log_probs(lm, essence).cpu()
+        next_log_probs = next_token_log_probs(lm, [request.text, *essence]).cpu()
     check_texts = texts[len(gens) : len(gens) + len(checks)]
     rows = [
         {
@@ -562,7 +566,8 @@ def measure(
         [names_object(t, request.target_true) for t in texts[: len(gens)]],
         rows,
         [p + t for p, t in zip(essence, texts[len(gens) + len(checks) :])],
-        essence_log_probs,
+        next_log_probs[1:],
+        top_next_tokens(lm, next_log_probs[0]),
     )
 
 

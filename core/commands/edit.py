@@ -12,7 +12,7 @@ from core.commands.progress import progress_bar
 from core.covariance import CORPORA, DEFAULT_CORPUS, DEFAULT_TOKENS, statistics_cached, statistics_seconds
 from core.edit_site import KEY_TOKENS, default_layer
 from core.edits import EditRequest, applied, export_edits
-from core.evaluation import names_object, target_log_probs
+from core.evaluation import names_object, next_token_log_probs, target_log_probs, top_next_tokens
 from core.generation import MAX_NEW_TOKENS, GenerationSettings, generate
 from core.rome import RomeHyperParams, compute_edit, validate_request
 from core.saving import check_save_folder, save_edited_model
@@ -56,11 +56,15 @@ def run(args: argparse.Namespace) -> dict:
     if args.save:
         check_save_folder(args.save)
 
-    def probabilities() -> tuple[float, float]:
+    def probabilities() -> tuple[float, float, list[tuple[str, float]]]:  # p(new), p(true), likeliest next
         lp = target_log_probs(lm, [request.text] * 2, [request.target_new, request.target_true])
-        return float(np.exp(lp[0])), float(np.exp(lp[1]))
+        return (
+            float(np.exp(lp[0])),
+            float(np.exp(lp[1])),
+            top_next_tokens(lm, next_token_log_probs(lm, [request.text])[0]),
+        )
 
-    p_new_before, p_true_before = probabilities()
+    p_new_before, p_true_before, next_before = probabilities()
     before = generate(lm, args.generate, settings)
     layer = default_layer(lm) if hp.layer is None else hp.layer
     if not statistics_cached(lm, layer, hp.stats_corpus, hp.stats_tokens):
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> dict:
     with progress_bar("edit") as progress:
         edit = compute_edit(lm, request, hp, progress=progress)
     with applied(lm, [edit]):
-        p_new_after, p_true_after = probabilities()
+        p_new_after, p_true_after, next_after = probabilities()
         after = generate(lm, args.generate, settings)
     if args.export:
         export_edits([edit], args.export)
@@ -80,6 +84,8 @@ def run(args: argparse.Namespace) -> dict:
     print(f"{request.text!r}: {request.target_true!r} -> {request.target_new.strip()!r} at layer {edit.layer}")
     print(f"  p(new)  {p_new_before:.4f} -> {p_new_after:.4f}")
     print(f"  p(true) {p_true_before:.4f} -> {p_true_after:.4f}")
+    for name, tokens in (("before", next_before), ("after", next_after)):
+        print(f"  next {name + ':':<7} " + " · ".join(f"{t!r} {p:.3f}" for t, p in tokens))
     print(f"  edit {info['seconds']:.1f} s ({info['steps']} steps), statistics {info['stats_seconds']:.1f} s")
     names_new = [names_object(a[len(p) :], request.target_new) for p, a in zip(args.generate, after)]
     for b, a, named in zip(before, after, names_new):
@@ -96,6 +102,8 @@ def run(args: argparse.Namespace) -> dict:
         "p_true_before": p_true_before,
         "p_new_after": p_new_after,
         "p_true_after": p_true_after,
+        "next_tokens_before": next_before,
+        "next_tokens_after": next_after,
         "generate": args.generate,
         "generations_before": before,
         "generations_after": after,
