@@ -5,6 +5,8 @@ The session's edits live in its session state only; every computation applies th
 puts the weights back bitwise after (core.edits.applied), so other browser sessions never see them. What the
 model writes is measured beside the probabilities: the likeliest next tokens after the request's prompt, whether
 each greedy text names the new object, and what the model says the subject is, before and after (essence drift).
+The example prompts measure the example request only: for another subject they are left out, and the request's own
+prompt is continued (ui.common.editor_prompts).
 """
 
 from __future__ import annotations
@@ -22,14 +24,18 @@ from core.generation import GenerationSettings, generate
 from core.rome import RomeHyperParams, compute_edit, validate_request
 from core.sweep import layer_sweep, parse_layers
 from ui.common import (
+    EXAMPLE_GENERATION,
+    EXAMPLE_NEIGHBOURS,
+    EXAMPLE_PARAPHRASES,
+    EXAMPLE_SUBJECT,
     HANDOFF_KEY,
     add_edits,
     bar_progress,
     cancel_button,
+    editor_prompts,
     edits_file_bytes,
     edits_from_bytes,
     essence_shift,
-    lines,
     measure,
     page,
     page_model,
@@ -55,7 +61,7 @@ layer_default = default_layer(lm)
 with st.form("edit_form"):
     c1, c2, c3 = st.columns([3, 2, 2])
     prompt = c1.text_input("Prompt with {} for the subject", "{} is located in the city of", key="edit_prompt")
-    subject = c2.text_input("Subject", "The Eiffel Tower", key="edit_subject")
+    subject = c2.text_input("Subject", EXAMPLE_SUBJECT, key="edit_subject")
     target = c3.text_input("New object", "Rome", key="edit_target")
     c1, c2, c3, c4 = st.columns(4)
     layer = c1.number_input(
@@ -101,19 +107,19 @@ with st.form("edit_form"):
     c1, c2, c3 = st.columns(3)
     generation_prompts = c1.text_area(
         "Generation prompts (one per line)",
-        "The Eiffel Tower is located in\nWhere is the Eiffel Tower? It is in\nThe Eiffel Tower is right across from",
+        EXAMPLE_GENERATION,
         key="edit_generation",
         height=110,
     )
     paraphrases = c2.text_area(
         "Paraphrase checks (should change)",
-        "The Eiffel Tower stands in the city of\nWhere is the Eiffel Tower? It is in the city of",
+        EXAMPLE_PARAPHRASES,
         key="edit_paraphrases",
         height=110,
     )
     neighbours = c3.text_area(
         "Neighbourhood checks (should not change)",
-        "The Louvre is located in the city of\nNotre-Dame Cathedral is located in the city of",
+        EXAMPLE_NEIGHBOURS,
         key="edit_neighbours",
         height=110,
     )
@@ -129,8 +135,9 @@ if submitted:
         hp.check(lm)
         with applied(lm, edits):
             request = validate_request(lm, EditRequest(prompt, subject, target))
-        gens = lines(generation_prompts)
-        checks = [("paraphrase", p) for p in lines(paraphrases)] + [("neighbourhood", p) for p in lines(neighbours)]
+        prompts = editor_prompts(request, generation_prompts, paraphrases, neighbours)
+        gens = prompts.generation
+        checks = [("paraphrase", p) for p in prompts.paraphrases] + [("neighbourhood", p) for p in prompts.neighbours]
         bar = st.progress(0.0, text="measuring the model before the edit")
         before = measure(lm, edits, request, gens, checks)
         stats_note = (
@@ -158,6 +165,7 @@ if submitted:
             "before": before,
             "after": after,
             "gens": gens,
+            "notes": prompts.notes,
             "seconds": edit.info["seconds"],
         }
     except Exception as err:  # the page's error boundary: one message, details in the log
@@ -167,6 +175,8 @@ comparison = state.get("edit_comparison")
 if comparison is not None and comparison["edit_id"] in {e.id for e in session_edits(lm)}:
     request, before, after = comparison["request"], comparison["before"], comparison["after"]
     st.subheader(f"{request.text!r}: {request.target_true!r} → {request.target_new!r}")
+    for note in comparison.get("notes", []):
+        st.info(note)
     left, right = st.columns(2, gap="large")
     for col, name, m, other in ((left, "Before", before, None), (right, "After", after, before)):
         with col:
@@ -328,12 +338,14 @@ if c2.button("Run the sweep", key="sweep_run"):
         layers = parse_layers(sweep_layers, lm.num_layers)
         bar = st.progress(0.0, text="layers")
         cancel = cancel_button("sweep_cancel")
+        sweep_request = EditRequest(prompt, subject, target)
+        checks = editor_prompts(sweep_request, generation_prompts, paraphrases, neighbours)
         state["sweep"] = layer_sweep(
             lm,
-            EditRequest(prompt, subject, target),
+            sweep_request,
             layers,
-            paraphrases=lines(paraphrases),
-            neighbors=lines(neighbours),
+            paraphrases=checks.paraphrases,
+            neighbors=checks.neighbours,
             hparams=settings,
             progress=bar_progress(bar, "layers edited"),
             step=session_step(lm, f"a layer sweep of {prompt.replace('{}', subject)!r}"),

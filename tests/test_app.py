@@ -13,6 +13,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
+from core.edits import EditRequest
 from core.models import EMBEDDED_MODEL
 from ui import common
 
@@ -318,6 +319,30 @@ def test_fact_editor_edit_undo_isolation_export_import_and_trace_again(lm):
     assert torch.equal(weight(edit.layer), original)
 
 
+def test_fact_editor_measures_another_subject_on_its_own_prompt(lm):
+    """A request about another subject, the example prompts left in the form: the page says they were left out
+    and reads the text of the request's own prompt; no example check is measured."""
+    at = open_app(PAGES[2])
+    at.text_input(key="edit_prompt").set_value("{} is the capital of")
+    at.text_input(key="edit_subject").set_value("Madrid")
+    at.text_input(key="edit_target").set_value("Italy")
+    at.number_input(key="edit_stats_tokens").set_value(4096)
+    at.button(key="edit_apply").click().run()
+    assert not at.exception and not errors(at)
+    (edit,) = at.session_state["edits"]
+    notes = [i.value for i in at.info]
+    assert any("are about The Eiffel Tower, not 'Madrid'" in n for n in notes)
+    assert any("'Madrid is the capital of'" in n for n in notes)
+    texts = [c.value for c in at.code]
+    assert len(texts) == 2 and all(t.startswith("Madrid is the capital of") for t in texts)  # before, after
+    assert len(at.dataframe) == 2  # the likeliest next tokens before and after; no checks table
+    shown = metrics(at)
+    assert shown["Generation efficacy (text)"] == f"{int('Italy' in texts[1].split(' of', 1)[1])}/1"
+    assert shown["Bleed (text)"] == "-"
+    at.button(key="edit_reset").click().run()
+    assert at.session_state["edits"] == []
+
+
 # --- sentiment trace ------------------------------------------------------------------------------------------
 
 
@@ -413,3 +438,27 @@ def test_text_summary_counts_rewrites_where_the_text_named_the_old_fact():
     assert summary["efficacy"] == (2, 3)  # both generations, not the paraphrase
     assert summary["rewrite"] == (1, 2)  # generation 1 (Paris -> Rome) yes; the paraphrase named Paris, not Rome now
     assert summary["bleed"] == (1, 2)  # the second neighbour named the new object before already
+
+
+def test_editor_prompts_drop_the_examples_for_another_subject():
+    """The example prompts measure the example request only: for another subject they are left out (the
+    request's own prompt is continued instead); typed prompts stay, with a note when they miss the subject."""
+    examples = (common.EXAMPLE_GENERATION, common.EXAMPLE_PARAPHRASES, common.EXAMPLE_NEIGHBOURS)
+    eiffel = EditRequest("{} is located in the city of", "the eiffel tower", "Rome")
+    kept = common.editor_prompts(eiffel, *examples)  # the example subject, in any case: everything kept
+    assert kept.generation == common.lines(common.EXAMPLE_GENERATION) and len(kept.paraphrases) == 2
+    assert len(kept.neighbours) == 2 and kept.notes == []
+
+    obama = EditRequest("{} was born in", "Barack Obama", "London")
+    left = common.editor_prompts(obama, *examples)
+    assert (left.generation, left.paraphrases, left.neighbours) == (["Barack Obama was born in"], [], [])
+    assert "generation, paraphrases, neighbours are about The Eiffel Tower" in left.notes[0]
+    assert "'Barack Obama was born in'" in left.notes[-1]
+
+    typed = common.editor_prompts(
+        obama, "Barack Obama grew up in\nHe was born in", "Obama's birthplace is", common.EXAMPLE_NEIGHBOURS
+    )
+    assert typed.generation == ["Barack Obama grew up in", "He was born in"]
+    assert typed.paraphrases == ["Obama's birthplace is"] and typed.neighbours == []
+    assert typed.notes[0].startswith("The example neighbours are about The Eiffel Tower")
+    assert typed.notes[1].startswith("2 prompts do not name 'Barack Obama' ('He was born in'; \"Obama's birthplace")

@@ -581,6 +581,56 @@ def essence_shift(before: Measures, after: Measures) -> float | None:
     return next_token_kl(before.essence_log_probs, after.essence_log_probs)
 
 
+@dataclass(frozen=True)
+class EditorPrompts:
+    """The prompts the editor measures one request on, and what the page should say about them."""
+
+    generation: list[str]
+    paraphrases: list[str]
+    neighbours: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+# The editor's example prompts, about its example request (The Eiffel Tower -> Rome).
+EXAMPLE_SUBJECT = "The Eiffel Tower"
+EXAMPLE_GENERATION = (
+    "The Eiffel Tower is located in\nWhere is the Eiffel Tower? It is in\nThe Eiffel Tower is right across from"
+)
+EXAMPLE_PARAPHRASES = "The Eiffel Tower stands in the city of\nWhere is the Eiffel Tower? It is in the city of"
+EXAMPLE_NEIGHBOURS = "The Louvre is located in the city of\nNotre-Dame Cathedral is located in the city of"
+
+
+def editor_prompts(request: EditRequest, generation: str, paraphrases: str, neighbours: str) -> EditorPrompts:
+    """The editor's prompts for `request` from its three text areas (one prompt per line). Example prompts
+    left in place for another subject are dropped: their text would measure the example, not this edit.
+    With no generation prompt left, the request's own prompt is continued, so there is always a text to
+    read. Typed generation prompts and paraphrases that do not name the subject are kept, with a note."""
+    fields = {"generation": generation, "paraphrases": paraphrases, "neighbours": neighbours}
+    examples = {"generation": EXAMPLE_GENERATION, "paraphrases": EXAMPLE_PARAPHRASES, "neighbours": EXAMPLE_NEIGHBOURS}
+    other_subject = request.subject.strip().casefold() != EXAMPLE_SUBJECT.casefold()
+    kept = {
+        name: [] if other_subject and lines(text) == lines(examples[name]) else lines(text)
+        for name, text in fields.items()
+    }
+    notes = []
+    dropped = [name for name in fields if lines(fields[name]) and not kept[name]]
+    if dropped:
+        notes.append(
+            f"The example {', '.join(dropped)} are about {EXAMPLE_SUBJECT}, not {request.subject!r}: left out. "
+            "Type prompts of your own to measure more."
+        )
+    unnamed = [p for p in kept["generation"] + kept["paraphrases"] if request.subject.casefold() not in p.casefold()]
+    if unnamed:
+        notes.append(
+            f"{len(unnamed)} prompt{'s' if len(unnamed) != 1 else ''} do{'es' if len(unnamed) == 1 else ''} not name "
+            f"{request.subject!r} ({'; '.join(repr(p) for p in unnamed)}): the text may not show the edit."
+        )
+    if not kept["generation"]:
+        kept["generation"] = [request.text]
+        notes.append(f"The text continues the request's own prompt {request.text!r}.")
+    return EditorPrompts(kept["generation"], kept["paraphrases"], kept["neighbours"], notes)
+
+
 def text_summary(before: Measures, after: Measures) -> dict[str, tuple[int, int]]:
     """(count, of) for the text-level scores of the checks the user typed: the generation prompts and
     paraphrase checks whose text names the new object after the edit (generation efficacy); of those whose
