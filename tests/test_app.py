@@ -452,7 +452,7 @@ def test_editor_prompts_drop_the_examples_for_another_subject():
     obama = EditRequest("{} was born in", "Barack Obama", "London")
     left = common.editor_prompts(obama, *examples)
     assert (left.generation, left.paraphrases, left.neighbours) == (["Barack Obama was born in"], [], [])
-    assert "generation, paraphrases, neighbours are about The Eiffel Tower" in left.notes[0]
+    assert "generation prompts, paraphrase checks and neighbourhood checks are about The Eiffel Tower" in left.notes[0]
     assert "'Barack Obama was born in'" in left.notes[-1]
 
     typed = common.editor_prompts(
@@ -460,5 +460,5 @@ def test_editor_prompts_drop_the_examples_for_another_subject():
     )
     assert typed.generation == ["Barack Obama grew up in", "He was born in"]
     assert typed.paraphrases == ["Obama's birthplace is"] and typed.neighbours == []
-    assert typed.notes[0].startswith("The example neighbours are about The Eiffel Tower")
+    assert typed.notes[0].startswith("The example neighbourhood checks are about The Eiffel Tower, not 'Barack Obama'")
     assert typed.notes[1].startswith("2 prompts do not name 'Barack Obama' ('He was born in'; \"Obama's birthplace")

@@ -613,10 +613,16 @@ def editor_prompts(request: EditRequest, generation: str, paraphrases: str, neig
         for name, text in fields.items()
     }
     notes = []
-    dropped = [name for name in fields if lines(fields[name]) and not kept[name]]
+    labels = {
+        "generation": "generation prompts",
+        "paraphrases": "paraphrase checks",
+        "neighbours": "neighbourhood checks",
+    }
+    dropped = [labels[name] for name in fields if lines(fields[name]) and not kept[name]]
     if dropped:
+        listed = dropped[0] if len(dropped) == 1 else f"{', '.join(dropped[:-1])} and {dropped[-1]}"
         notes.append(
-            f"The example {', '.join(dropped)} are about {EXAMPLE_SUBJECT}, not {request.subject!r}: left out. "
+            f"The example {listed} are about {EXAMPLE_SUBJECT}, not {request.subject!r}: left out. "
             "Type prompts of your own to measure more."
         )
     unnamed = [p for p in kept["generation"] + kept["paraphrases"] if request.subject.casefold() not in p.casefold()]
