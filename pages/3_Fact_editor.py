@@ -199,10 +199,15 @@ if comparison is not None and comparison["edit_id"] in {e.id for e in session_ed
                     column_config={"p": st.column_config.NumberColumn(format="%.4f")},
                     key=f"edit_next_{name.lower()}",
                 )
-            for text, names in zip(m.generations, m.generation_names_new):
+            # before: does the text name the old object; after: the new one (the texts side by side stay level)
+            obj, named = (
+                (request.target_true, m.generation_names_true)
+                if other is None
+                else (request.target_new, m.generation_names_new)
+            )
+            for text, names in zip(m.generations, named):
                 st.code(text, language=None, wrap_lines=True)
-                if other is not None:
-                    st.caption(f"names {request.target_new!r}: {'yes' if names else 'no'}")
+                st.caption(f"names {obj!r}: {'yes' if names else 'no'}")
     summary = text_summary(before, after)
     a, r, b, e, c = st.columns(5)
     (k, n), (kr, nr), (kb, nb) = summary["efficacy"], summary["rewrite"], summary["bleed"]

@@ -243,7 +243,7 @@ def test_fact_editor_bad_input_changes_nothing(prompt, subject, target, message)
 def test_fact_editor_edit_undo_isolation_export_import_and_trace_again(lm):
     from core.edit_site import default_layer
     from core.edits import applied
-    from core.evaluation import ESSENCE_PROMPTS, essence_drift
+    from core.evaluation import ESSENCE_PROMPTS, essence_drift, names_object
 
     def weight(layer):
         return lm.arch.mlp_out_weight(lm.model, layer)
@@ -276,6 +276,13 @@ def test_fact_editor_edit_undo_isolation_export_import_and_trace_again(lm):
     texts = [c.value for c in a.code]
     assert texts[0].startswith("The Eiffel Tower is located in") and "Paris" in texts[0]  # before
     assert "Rome" in texts[len(texts) // 2]  # after, first generation prompt: the model writes the new fact
+    gens = common.lines(common.EXAMPLE_GENERATION)
+    named = [c.value for c in a.caption if c.value.startswith("names ")]  # under each text: before Paris, after Rome
+    assert named == [
+        f"names {obj!r}: {'yes' if names_object(text[len(prompt) :], obj) else 'no'}"
+        for obj, side in (("Paris", texts[:3]), ("Rome", texts[3:6]))
+        for prompt, text in zip(gens, side)
+    ]
     next_before, next_after, table = (d.value for d in a.dataframe[:3])  # likeliest next tokens, then the checks
     assert list(next_before.columns) == ["next token", "p"] and len(next_before) == len(next_after) == 5
     assert next_before["p"].is_monotonic_decreasing and next_after["p"].is_monotonic_decreasing
