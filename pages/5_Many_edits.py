@@ -1,19 +1,18 @@
-"""Many edits: a batch of facts in one MEMIT update (core.memit), each fact's before/after, undo of the batch;
-and saving the model with this session's edits as a Hugging Face folder (core.saving)."""
+"""Many edits: a batch of facts in one MEMIT update (core.memit), each fact's before/after (probabilities and the
+text the model writes after the fact's prompt, ui.common.batch_rows), undo of the batch; and saving the model with
+this session's edits as a Hugging Face folder (core.saving)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core.edits import EditRequest, applied
+from core.edits import applied
 from core.errors import UserError
-from core.evaluation import target_log_probs
 from core.memit import MemitParams, default_layers, memit_batch
 from core.requests import COLUMNS, read_requests
 from core.saving import save_edited_model
-from ui.common import add_edits, page, page_model, remove_edit, session_edits, show_error
+from ui.common import add_edits, batch_rows, page, page_model, remove_edit, session_edits, show_error
 
 BATCH_KEY = "memit_batch"
 EXAMPLE = pd.DataFrame(
@@ -35,14 +34,6 @@ st.markdown(
 
 lm = page_model()
 state = st.session_state
-
-
-def probabilities(edits, requests: list[EditRequest]) -> tuple[np.ndarray, np.ndarray]:
-    texts = [r.text for r in requests]
-    with applied(lm, edits):
-        new = np.exp(target_log_probs(lm, texts, [r.target_new for r in requests]))
-        true = np.exp(target_log_probs(lm, texts, [r.target_true for r in requests]))
-    return new, true
 
 
 st.subheader("Batch of facts (MEMIT)")
@@ -71,25 +62,12 @@ if st.button("Edit the batch", key="memit_run", type="primary"):
                 bar.progress(min(done / max(total, 1), 1.0), text=f"MEMIT {done}/{total}")
 
             batch = memit_batch(lm, requests, params=MemitParams(layers=layers), progress=progress)
-        kept = batch.requests
-        before = probabilities(current, kept)
-        after = probabilities(current + batch.edits, kept)
+        bar.progress(1.0, text="reading each fact's text before and after the batch")
+        rows = batch_rows(lm, current, current + batch.edits, batch.requests)
         add_edits(batch.edits)
         state[BATCH_KEY] = {
             "ids": [e.id for e in batch.edits],
-            "rows": [
-                {
-                    "fact": r.text,
-                    "old": r.target_true,
-                    "new": r.target_new,
-                    "p(new) before": before[0][i],
-                    "p(new) after": after[0][i],
-                    "p(old) before": before[1][i],
-                    "p(old) after": after[1][i],
-                    "edited": "yes" if after[0][i] > after[1][i] else "no",
-                }
-                for i, r in enumerate(kept)
-            ],
+            "rows": rows,
             "skipped": [f"{requests[i].text!r}: {why}" for i, why in batch.skipped],
         }
         bar.empty()
@@ -99,7 +77,19 @@ if st.button("Edit the batch", key="memit_run", type="primary"):
 
 batch_state = state.get(BATCH_KEY)
 if batch_state and set(batch_state["ids"]) <= {e.id for e in session_edits(lm)}:
-    st.dataframe(pd.DataFrame(batch_state["rows"]), hide_index=True, width="stretch")
+    rows = batch_state["rows"]
+    a, b = st.columns(2)
+    a.metric(
+        "Edited (probability)",
+        f"{sum(r['edited'] == 'yes' for r in rows)}/{len(rows)}",
+        help="Facts whose prompt now gives the new object a higher probability than the old one.",
+    )
+    b.metric(
+        "Writes the new object (text)",
+        f"{sum(r['writes new'] == 'yes' for r in rows)}/{len(rows)}",
+        help="Facts whose greedy text after their own prompt now names the new object: what a reader sees.",
+    )
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
     for line in batch_state["skipped"]:
         st.caption(f"Skipped {line}")
     if st.button(f"Undo the batch ({len(batch_state['rows'])} facts)", key="memit_undo"):

@@ -7,6 +7,7 @@ import json
 import re
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -465,3 +466,29 @@ def test_read_requests_csv_json_and_counterfact():
         read_requests(b"[{", "t.json")
     with pytest.raises(UserError, match="no requests"):
         read_requests(b"[]", "t.json")
+
+
+def test_batch_rows_read_each_fact_before_and_after_the_batch(tiny, cases):
+    """The Many edits page's table: each fact's probabilities and greedy text with the edits before and after
+    the batch, as the library computes them apart; the model is left as it was."""
+    from core.evaluation import TEXT_TOKENS, continuations, names_object, target_log_probs
+    from ui.common import batch_rows
+
+    batch = memit_batch(tiny, [request_of(c) for c in cases[:2]], TINY, MemitParams(layers=(1, 2), mom2_weight=10.0))
+    saved = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
+    rows = batch_rows(tiny, [], batch.edits, batch.requests)
+    assert all(torch.equal(p, saved[n]) for n, p in tiny.model.named_parameters())
+    texts = [r.text for r in batch.requests]
+    assert [row["fact"] for row in rows] == texts and [row["new"] for row in rows] == [c.target_new for c in cases[:2]]
+    for side, edits in (("before", []), ("after", batch.edits)):
+        with applied(tiny, edits):
+            said = continuations(tiny, texts, TEXT_TOKENS)
+            new = target_log_probs(tiny, texts, [r.target_new for r in batch.requests])
+            old = target_log_probs(tiny, texts, [r.target_true for r in batch.requests])
+        assert [row[f"text {side}"] for row in rows] == [t + s for t, s in zip(texts, said)]
+        assert [row[f"p(new) {side}"] for row in rows] == pytest.approx(np.exp(new).tolist(), rel=1e-5)
+        assert [row[f"p(old) {side}"] for row in rows] == pytest.approx(np.exp(old).tolist(), rel=1e-5)
+    assert [row["edited"] for row in rows] == ["yes" if r["p(new) after"] > r["p(old) after"] else "no" for r in rows]
+    assert [row["writes new"] for row in rows] == [
+        "yes" if names_object(row["text after"][len(row["fact"]) :], row["new"]) else "no" for row in rows
+    ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoModelForCausalLM
 
+from core.evaluation import names_object
 from ui import common
 
 PAGE = "pages/5_Many_edits.py"
@@ -22,6 +23,13 @@ def test_batch_undo_and_save(tmp_path, open_page):
     assert len(rows) == 3 and list(rows["new"]) == ["Rome", "Madrid", "London"]
     assert (rows["p(new) after"] > rows["p(new) before"]).all()
     assert (rows["edited"] == "yes").sum() >= 2
+    assert all(t.startswith(f) for t, f in zip(rows["text after"], rows["fact"]))  # what the model writes
+    assert all(t.startswith(f) for t, f in zip(rows["text before"], rows["fact"]))
+    writes = [names_object(t[len(f) :], n) for t, f, n in zip(rows["text after"], rows["fact"], rows["new"])]
+    assert list(rows["writes new"]) == ["yes" if w else "no" for w in writes] and sum(writes) >= 2
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["Writes the new object (text)"] == f"{sum(writes)}/3"
+    assert shown["Edited (probability)"] == f"{(rows['edited'] == 'yes').sum()}/3"
     edits = at.session_state[common.EDITS_KEY]
     assert len(edits) == 3 * 4 and {e.layer for e in edits} == {2, 3, 4, 5}  # 3 facts x layers 2-5
     folder = tmp_path / "edited"

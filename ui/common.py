@@ -581,6 +581,40 @@ def essence_shift(before: Measures, after: Measures) -> float | None:
     return next_token_kl(before.essence_log_probs, after.essence_log_probs)
 
 
+def batch_rows(
+    lm: LoadedModel, before: Sequence[Edit], after: Sequence[Edit], requests: Sequence[EditRequest]
+) -> list[dict]:
+    """The Many edits page's table: for each request, p(new) and p(old) after its prompt and the greedy text
+    (TEXT_TOKENS new tokens) that continues it, with the edits `before` and with `after`; "edited" when p(new) >
+    p(old) after, "writes new" when the text after names the new object (whole word)."""
+    from core.evaluation import TEXT_TOKENS, continuations, names_object, target_log_probs
+
+    texts = [r.text for r in requests]
+    measured = []
+    for edits in (before, after):
+        with applied(lm, edits):
+            new = np.exp(target_log_probs(lm, texts, [r.target_new for r in requests]))
+            old = np.exp(target_log_probs(lm, texts, [r.target_true for r in requests]))
+            measured.append((new, old, continuations(lm, texts, TEXT_TOKENS)))
+    (new0, old0, text0), (new1, old1, text1) = measured
+    return [
+        {
+            "fact": r.text,
+            "old": r.target_true,
+            "new": r.target_new,
+            "p(new) before": float(new0[i]),
+            "p(new) after": float(new1[i]),
+            "p(old) before": float(old0[i]),
+            "p(old) after": float(old1[i]),
+            "edited": "yes" if new1[i] > old1[i] else "no",
+            "text before": r.text + text0[i],
+            "text after": r.text + text1[i],
+            "writes new": "yes" if names_object(text1[i], r.target_new) else "no",
+        }
+        for i, r in enumerate(requests)
+    ]
+
+
 @dataclass(frozen=True)
 class EditorPrompts:
     """The prompts the editor measures one request on, and what the page should say about them."""
