@@ -16,7 +16,8 @@ Corpora:
   Wikipedia); a clear error when the package or its data is missing.
 - `identity`: no corpus, C = I (plain least squares; measured against `generated` in bench/edit.py).
 
-The tokens are capped (MAX_STATS_TOKENS); `statistics_seconds` gives a rough time before an uncached run.
+The tokens are at least the model's key size (fewer make C singular: `check_statistics`) and capped
+(MAX_STATS_TOKENS); `statistics_seconds` gives a rough time before an uncached run.
 """
 
 from __future__ import annotations
@@ -75,11 +76,18 @@ def stats_path(lm: LoadedModel, layer: int, corpus: str, tokens: int) -> Path:
     return stats_folder(lm) / f"mom2_layer{layer}_{corpus}_{tokens}.safetensors"
 
 
-def _check(corpus: str, tokens: int) -> None:
+def check_statistics(lm: LoadedModel, corpus: str, tokens: int) -> None:
+    """Refuse statistics that cannot be made or used: an unknown corpus, more tokens than the cap, or fewer
+    tokens than the model's key size (E[k k^T] over n < size keys has rank n at most: singular, so the update
+    solved against it moves nothing the user asked for; the identity "corpus" reads no tokens)."""
     if corpus not in CORPORA:
         raise UserError(f"unknown corpus {corpus!r}: use one of {', '.join(CORPORA)}")
-    if tokens < 1:
-        raise UserError(f"the statistics need at least 1 token (got {tokens})")
+    size = lm.arch.mlp_out_shape(lm.model, 0)[1]
+    if corpus != "identity" and tokens < size:
+        raise UserError(
+            f"key statistics over {tokens:,} tokens cannot be inverted: this model's keys have {size:,} dimensions, "
+            f"so use at least {size:,} tokens (default {DEFAULT_TOKENS:,})"
+        )
     if tokens > MAX_STATS_TOKENS:
         raise UserError(
             f"{tokens:,} tokens of statistics is over the cap of {MAX_STATS_TOKENS:,} (time grows with the tokens; "
@@ -209,7 +217,7 @@ def key_statistics(
 ) -> KeyStatistics:
     """E[k k^T] at `layer` over `tokens` corpus positions, from the disk cache when present. Each batch of
     model work runs inside `step()` (the app: the model's lock, taken per batch, not for the whole run)."""
-    _check(corpus, tokens)
+    check_statistics(lm, corpus, tokens)
     if not 0 <= layer < lm.num_layers:
         raise UserError(f"layer {layer} is outside the model's {lm.num_layers} layers")
     size = lm.arch.mlp_out_shape(lm.model, layer)[1]

@@ -47,6 +47,7 @@ from core.covariance import (
     DEFAULT_CORPUS,
     DEFAULT_TOKENS,
     KeyStatistics,
+    check_statistics,
     key_statistics,
     statistics_cached,
     stats_folder,
@@ -134,6 +135,7 @@ class RomeHyperParams:
             )
         if self.value_precision == "bfloat16" and lm.device_map is not None:
             raise UserError("bfloat16 value products copy the model's blocks: use a model without a device map")
+        check_statistics(lm, self.stats_corpus, self.stats_tokens)
         if self.preserve_weight < 0:
             raise UserError(f"the preserve weight is 0 or more (got {self.preserve_weight})")
         if self.preserve_weight > 0 and not self.preserve_catalogue.is_file():

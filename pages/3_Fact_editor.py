@@ -83,14 +83,18 @@ with st.form("edit_form"):
         key="edit_steps",
         help="Adam steps for the new value v*.",
     )
+    key_size = lm.arch.mlp_out_shape(lm.model, 0)[1]  # fewer corpus positions leave C singular
     stats_tokens = c3.number_input(
         "Statistics tokens",
-        1536,
+        key_size,
         1_000_000,
-        DEFAULT_TOKENS,
+        max(DEFAULT_TOKENS, key_size),
         step=1024,
         key="edit_stats_tokens",
-        help="Corpus positions for the key covariance C (computed once per layer and size, then cached on disk).",
+        help=(
+            f"Corpus positions for the key covariance C (computed once per layer and size, then cached on disk); "
+            f"at least the model's key size, {key_size:,}."
+        ),
     )
     preserve = c4.number_input(
         "Preserve known subjects",

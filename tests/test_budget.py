@@ -7,6 +7,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from core import aie
 from core.__main__ import main
@@ -14,6 +15,7 @@ from core.budget import check_trace, trace_size
 from core.covariance import MAX_STATS_TOKENS, key_statistics
 from core.errors import UserError
 from core.facts import Fact
+from core.rome import RomeHyperParams
 from core.sentiment import FeelingProxy, read_texts
 from core.sentiment_trace import trace_sentiment
 
@@ -68,6 +70,22 @@ def test_the_sentiment_trace_refuses_over_the_memory_cap(tiny, monkeypatch):
 def test_statistics_over_the_token_cap_are_refused_at_once(tiny):
     with pytest.raises(UserError, match=f"over the cap of {MAX_STATS_TOKENS:,}"):
         key_statistics(tiny, 0, tokens=1_000_000)
+
+
+def test_statistics_under_the_key_size_are_refused_before_any_work(tiny, monkeypatch):
+    """Fewer corpus tokens than the keys have dimensions give a singular C: refused by key_statistics and by
+    ROME's settings check (so `edit` refuses before any model work); the identity C needs no tokens."""
+    from core import covariance
+
+    size = tiny.arch.mlp_out_shape(tiny.model, 0)[1]
+    monkeypatch.setattr(covariance, "generated_corpus", lambda *a, **k: pytest.fail("no corpus for a refused size"))
+    message = f"over {size - 1:,} tokens cannot be inverted: this model's keys have {size:,} dimensions"
+    with pytest.raises(UserError, match=message):
+        key_statistics(tiny, 0, tokens=size - 1)
+    with pytest.raises(UserError, match=message):
+        RomeHyperParams(layer=1, stats_tokens=size - 1).check(tiny)
+    RomeHyperParams(layer=1, stats_tokens=size - 1, stats_corpus="identity", preserve_weight=0.0).check(tiny)
+    assert torch.equal(key_statistics(tiny, 0, "identity", 0).mom2, torch.eye(size))
 
 
 def test_a_sentiment_read_over_the_memory_cap_is_refused(tiny, monkeypatch):

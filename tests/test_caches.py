@@ -126,7 +126,7 @@ def test_context_texts_and_subject_keys_come_back_from_disk(tokenizer, monkeypat
     edit = compute_edit(
         first,
         EditRequest("{} is in", "Paris", "Rome"),
-        RomeHyperParams(layer=1, steps=2, stats_tokens=64, preserve_weight=0.0),
+        RomeHyperParams(layer=1, steps=2, stats_tokens=128, preserve_weight=0.0),
     )
     with applied(first, [edit]):
         contexts = context_texts(first, lengths, seed=3)

@@ -26,6 +26,7 @@ def run_cli(args, capsys):
         (["trace", "--prompt", "a b", "--subject", "a", "--model", "no-such/model-xyz"], "not found"),
         (["trace", "--prompt", "a b", "--subject", "a", "--samples", "-3"], "must be positive"),
         (["trace", "--prompt", "a b", "--subject", "a", "--noise", "nan"], "finite"),
+        (["edit", "--prompt", "{} is in", "--subject", "Paris", "--target", "Rome", "--stats-tokens", "10"], "1,536"),
         (["aie", "--facts", "/no/such/facts.json"], "does not exist"),
         (["trace", "--prompt", "a b", "--subject", "a", "--device", "cpu", "--tf32"], "CUDA option"),
         (["edit", "--prompt", "{} is in", "--subject", "Rome", "--target", "Paris", "--preserve-weight", "-1"], ">= 0"),

@@ -100,7 +100,7 @@ def test_the_average_takes_the_lock_per_fact_so_another_session_gets_in(tokenize
 def test_statistics_take_the_lock_per_batch(tokenizer, monkeypatch):
     from core import covariance
 
-    monkeypatch.setattr(covariance, "SEQUENCE_LENGTH", 4)  # 17 short rows: more than one batch of keys, quickly
+    monkeypatch.setattr(covariance, "SEQUENCE_LENGTH", 8)  # 17 short rows: more than one batch of keys, quickly
     tiny = tiny_model("gpt2", tokenizer)
     entered = []
 
@@ -110,10 +110,10 @@ def test_statistics_take_the_lock_per_batch(tokenizer, monkeypatch):
         with applied(tiny, what="statistics"):
             yield
 
-    key_statistics(tiny, 1, tokens=4 * 17, step=step)
+    key_statistics(tiny, 1, tokens=8 * 17, step=step)
     assert len(entered) >= 3  # one sampling batch and two key batches, each under the lock on its own
     entered.clear()
-    key_statistics(tiny, 1, tokens=4 * 17, step=step)
+    key_statistics(tiny, 1, tokens=8 * 17, step=step)
     assert entered == []  # from the cache: no model work
 
 
