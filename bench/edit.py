@@ -119,6 +119,7 @@ def ablations(base: RomeHyperParams) -> dict[str, RomeHyperParams]:
         "solve-mean": replace(base, solve_at="mean"),
         "solve-plain": replace(base, solve_at="plain"),
         "solve-both": replace(base, solve_at="both"),
+        "key-strongest": replace(base, key_token="strongest"),
         "layer3": replace(base, layer=3),
         "layer4": replace(base, layer=4),
         "kl0": replace(base, kl_factor=0.0),
