@@ -76,13 +76,18 @@ def stats_path(lm: LoadedModel, layer: int, corpus: str, tokens: int) -> Path:
     return stats_folder(lm) / f"mom2_layer{layer}_{corpus}_{tokens}.safetensors"
 
 
+def min_statistics_tokens(lm: LoadedModel) -> int:
+    """The fewest corpus tokens whose key statistics can be inverted: the model's key size (E[k k^T] over n keys
+    has rank n at most, so fewer make C singular and the update solved against it moves nothing asked for)."""
+    return lm.arch.mlp_out_shape(lm.model, 0)[1]
+
+
 def check_statistics(lm: LoadedModel, corpus: str, tokens: int) -> None:
     """Refuse statistics that cannot be made or used: an unknown corpus, more tokens than the cap, or fewer
-    tokens than the model's key size (E[k k^T] over n < size keys has rank n at most: singular, so the update
-    solved against it moves nothing the user asked for; the identity "corpus" reads no tokens)."""
+    than `min_statistics_tokens` (the identity "corpus" reads no tokens)."""
     if corpus not in CORPORA:
         raise UserError(f"unknown corpus {corpus!r}: use one of {', '.join(CORPORA)}")
-    size = lm.arch.mlp_out_shape(lm.model, 0)[1]
+    size = min_statistics_tokens(lm)
     if corpus != "identity" and tokens < size:
         raise UserError(
             f"key statistics over {tokens:,} tokens cannot be inverted: this model's keys have {size:,} dimensions, "

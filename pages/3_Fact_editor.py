@@ -17,7 +17,7 @@ import pandas as pd
 import streamlit as st
 
 from core import charts
-from core.covariance import DEFAULT_TOKENS, statistics_cached
+from core.covariance import DEFAULT_TOKENS, min_statistics_tokens, statistics_cached
 from core.edit_site import default_layer
 from core.edits import EditRequest, applied
 from core.generation import GenerationSettings, generate
@@ -83,7 +83,7 @@ with st.form("edit_form"):
         key="edit_steps",
         help="Adam steps for the new value v*.",
     )
-    key_size = lm.arch.mlp_out_shape(lm.model, 0)[1]  # fewer corpus positions leave C singular
+    key_size = min_statistics_tokens(lm)  # fewer corpus positions leave C singular
     stats_tokens = c3.number_input(
         "Statistics tokens",
         key_size,

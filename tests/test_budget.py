@@ -78,6 +78,7 @@ def test_statistics_under_the_key_size_are_refused_before_any_work(tiny, monkeyp
     from core import covariance
 
     size = tiny.arch.mlp_out_shape(tiny.model, 0)[1]
+    assert covariance.min_statistics_tokens(tiny) == size
     monkeypatch.setattr(covariance, "generated_corpus", lambda *a, **k: pytest.fail("no corpus for a refused size"))
     message = f"over {size - 1:,} tokens cannot be inverted: this model's keys have {size:,} dimensions"
     with pytest.raises(UserError, match=message):
