@@ -161,6 +161,24 @@ def names_object(text: str, obj: str) -> bool:
     return bool(whole_word_spans(text, obj))
 
 
+def edit_warning(request: EditRequest, p_new: float, p_true: float, texts_name_new: Sequence[bool]) -> str | None:
+    """What a user should be told when an edit did not take, from its request's probabilities after the edit
+    and whether each text after it names the new object: None when p(new) > p(true) and some text (or no text
+    was asked for) names it."""
+    new, true = request.target_new.strip(), request.target_true.strip()
+    if p_new <= p_true:
+        return (
+            f"The edit did not take: after the prompt the model still prefers {true!r} ({p_true:.2f}) to {new!r} "
+            f"({p_new:.2f}). Try more optimisation steps or another layer."
+        )
+    if texts_name_new and not any(texts_name_new):
+        return (
+            f"The model now prefers {new!r} after the prompt, but none of the {len(texts_name_new)} texts names it: "
+            "the edit may not show in what the model writes. Try more optimisation steps or other prompts."
+        )
+    return None
+
+
 def continuations(lm: LoadedModel, prompts: Sequence[str], tokens: int = TEXT_TOKENS) -> list[str]:
     """The greedy continuation (new text only, `tokens` new tokens, stopping at end-of-text) of each prompt."""
     if not prompts:

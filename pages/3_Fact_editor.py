@@ -20,6 +20,7 @@ from core import charts
 from core.covariance import DEFAULT_TOKENS, min_statistics_tokens, statistics_cached
 from core.edit_site import default_layer
 from core.edits import EditRequest, applied
+from core.evaluation import edit_warning
 from core.generation import GenerationSettings, generate
 from core.rome import RomeHyperParams, compute_edit, validate_request
 from core.sweep import layer_sweep, parse_layers
@@ -181,6 +182,9 @@ if comparison is not None and comparison["edit_id"] in {e.id for e in session_ed
     st.subheader(f"{request.text!r}: {request.target_true!r} → {request.target_new!r}")
     for note in comparison.get("notes", []):
         st.info(note)
+    warning = edit_warning(request, after.p_new, after.p_true, after.generation_names_new)
+    if warning:
+        st.warning(warning)
     left, right = st.columns(2, gap="large")
     for col, name, m, other in ((left, "Before", before, None), (right, "After", after, before)):
         with col:

@@ -259,6 +259,7 @@ def test_fact_editor_edit_undo_isolation_export_import_and_trace_again(lm):
     shown = [(m.label, m.value) for m in a.metric]
     (_, p_new_before), (_, p_true_before), (_, p_new_after), (_, p_true_after) = shown[:4]
     assert shown[0][0] == "p(Rome)" and shown[1][0] == "p(Paris)"
+    assert not a.warning  # the edit took: p(Rome) > p(Paris) and the texts name Rome
     text_scores = dict(shown[4:])
     named, of = map(int, text_scores["Generation efficacy (text)"].split("/"))
     assert of == 3 + 2 and named >= 3  # generation prompts + paraphrase checks whose text names Rome

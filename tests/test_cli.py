@@ -173,3 +173,5 @@ def test_edit_prints_and_writes_the_likeliest_next_tokens_before_and_after(tmp_p
         (line,) = [s for s in stdout.splitlines() if s.startswith(f"  next {name}:")]
         assert line.split(":", 1)[1].lstrip().startswith(f"{listed[0][0]!r} {listed[0][1]:.3f} · ")
     assert data["next_tokens_before"] != data["next_tokens_after"]
+    took = data["p_new_after"] > data["p_true_after"]  # no --generate: the probabilities decide
+    assert (data["warning"] is None) == took and (f"  note: {data['warning']}" in stdout) == (not took)

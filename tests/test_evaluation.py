@@ -20,6 +20,7 @@ from core.evaluation import (
     TOP_TOKENS,
     FTHyperParams,
     continuations,
+    edit_warning,
     essence_drift,
     evaluate,
     ft_applied,
@@ -225,6 +226,17 @@ def test_editor_measures_what_the_model_says_the_subject_is(tiny):
         assert [t for t, _ in m.next_tokens] == [tiny.tokenizer.decode([int(i)]) for i in ids[:TOP_TOKENS]]
         assert [p for _, p in m.next_tokens] == pytest.approx(probs[:TOP_TOKENS].tolist(), rel=1e-5)
     assert before.next_tokens != after.next_tokens
+
+
+def test_edit_warning_says_when_an_edit_did_not_take():
+    request = EditRequest("{} is located in the city of", "The Eiffel Tower", " Rome", "Paris")
+    failed = edit_warning(request, 0.2, 0.6, [True])
+    assert failed.startswith("The edit did not take:") and "'Paris' (0.60) to 'Rome' (0.20)" in failed
+    assert edit_warning(request, 0.3, 0.3, []).startswith("The edit did not take:")  # a tie is no edit
+    silent = edit_warning(request, 0.9, 0.01, [False, False])
+    assert silent.startswith("The model now prefers 'Rome'") and "none of the 2 texts names it" in silent
+    assert edit_warning(request, 0.9, 0.01, [False, True]) is None
+    assert edit_warning(request, 0.9, 0.01, []) is None  # no text asked for: the probabilities decide
 
 
 def test_top_next_tokens_lists_the_likeliest_first(tokenizer):

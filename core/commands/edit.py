@@ -12,7 +12,7 @@ from core.commands.progress import progress_bar
 from core.covariance import CORPORA, DEFAULT_CORPUS, DEFAULT_TOKENS, statistics_cached, statistics_seconds
 from core.edit_site import KEY_TOKENS, default_layer
 from core.edits import EditRequest, applied, export_edits
-from core.evaluation import names_object, next_token_log_probs, target_log_probs, top_next_tokens
+from core.evaluation import edit_warning, names_object, next_token_log_probs, target_log_probs, top_next_tokens
 from core.generation import MAX_NEW_TOKENS, GenerationSettings, generate
 from core.rome import RomeHyperParams, compute_edit, validate_request
 from core.saving import check_save_folder, save_edited_model
@@ -90,6 +90,9 @@ def run(args: argparse.Namespace) -> dict:
     names_new = [names_object(a[len(p) :], request.target_new) for p, a in zip(args.generate, after)]
     for b, a, named in zip(before, after, names_new):
         print(f"  before: {b!r}\n  after:  {a!r}  (names {request.target_new.strip()!r}: {'yes' if named else 'no'})")
+    warning = edit_warning(request, p_new_after, p_true_after, names_new)
+    if warning:
+        print(f"  note: {warning}")
     return {
         "model": lm.name,
         "prompt": request.prompt,
@@ -113,6 +116,7 @@ def run(args: argparse.Namespace) -> dict:
         "steps": info["steps"],
         "losses": info["losses"],
         "edit_id": edit.id,
+        "warning": warning,
         "exported": args.export,
         "saved": args.save,
     }
