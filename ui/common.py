@@ -590,12 +590,12 @@ def batch_rows(
     from core.evaluation import TEXT_TOKENS, continuations, names_object, target_log_probs
 
     texts = [r.text for r in requests]
+    targets = [r.target_new for r in requests] + [r.target_true for r in requests]
     measured = []
     for edits in (before, after):
         with applied(lm, edits):
-            new = np.exp(target_log_probs(lm, texts, [r.target_new for r in requests]))
-            old = np.exp(target_log_probs(lm, texts, [r.target_true for r in requests]))
-            measured.append((new, old, continuations(lm, texts, TEXT_TOKENS)))
+            p = np.exp(target_log_probs(lm, texts * 2, targets))  # new objects, then old ones
+            measured.append((p[: len(texts)], p[len(texts) :], continuations(lm, texts, TEXT_TOKENS)))
     (new0, old0, text0), (new1, old1, text1) = measured
     return [
         {
@@ -639,36 +639,34 @@ def editor_prompts(request: EditRequest, generation: str, paraphrases: str, neig
     left in place for another subject are dropped: their text would measure the example, not this edit.
     With no generation prompt left, the request's own prompt is continued, so there is always a text to
     read. Typed generation prompts and paraphrases that do not name the subject are kept, with a note."""
-    fields = {"generation": generation, "paraphrases": paraphrases, "neighbours": neighbours}
-    examples = {"generation": EXAMPLE_GENERATION, "paraphrases": EXAMPLE_PARAPHRASES, "neighbours": EXAMPLE_NEIGHBOURS}
+    typed = {
+        "generation prompts": lines(generation),
+        "paraphrase checks": lines(paraphrases),
+        "neighbourhood checks": lines(neighbours),
+    }
+    examples = (EXAMPLE_GENERATION, EXAMPLE_PARAPHRASES, EXAMPLE_NEIGHBOURS)
     other_subject = request.subject.strip().casefold() != EXAMPLE_SUBJECT.casefold()
-    kept = {
-        name: [] if other_subject and lines(text) == lines(examples[name]) else lines(text)
-        for name, text in fields.items()
-    }
+    dropped = [
+        label for (label, given), example in zip(typed.items(), examples) if other_subject and given == lines(example)
+    ]
+    gens, paras, neighs = ([] if label in dropped else given for label, given in typed.items())
     notes = []
-    labels = {
-        "generation": "generation prompts",
-        "paraphrases": "paraphrase checks",
-        "neighbours": "neighbourhood checks",
-    }
-    dropped = [labels[name] for name in fields if lines(fields[name]) and not kept[name]]
     if dropped:
         listed = dropped[0] if len(dropped) == 1 else f"{', '.join(dropped[:-1])} and {dropped[-1]}"
         notes.append(
             f"The example {listed} are about {EXAMPLE_SUBJECT}, not {request.subject!r}: left out. "
             "Type prompts of your own to measure more."
         )
-    unnamed = [p for p in kept["generation"] + kept["paraphrases"] if request.subject.casefold() not in p.casefold()]
+    unnamed = [p for p in gens + paras if request.subject.casefold() not in p.casefold()]
     if unnamed:
         notes.append(
             f"{len(unnamed)} prompt{'s' if len(unnamed) != 1 else ''} do{'es' if len(unnamed) == 1 else ''} not name "
             f"{request.subject!r} ({'; '.join(repr(p) for p in unnamed)}): the text may not show the edit."
         )
-    if not kept["generation"]:
-        kept["generation"] = [request.text]
+    if not gens:
+        gens = [request.text]
         notes.append(f"The text continues the request's own prompt {request.text!r}.")
-    return EditorPrompts(kept["generation"], kept["paraphrases"], kept["neighbours"], notes)
+    return EditorPrompts(gens, paras, neighs, notes)
 
 
 def text_summary(before: Measures, after: Measures) -> dict[str, tuple[int, int]]:
