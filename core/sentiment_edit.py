@@ -10,6 +10,8 @@ Measured with the "I am feeling" proxy (core.sentiment.FeelingProxy), before and
 - `flipped`: of the texts that mention the subject and were not read as the target class before, the share
   read as the target class after, on the held-in texts (the edit's rows) and on held-out ones;
 - `unchanged`: of texts that do not mention the subject, the share whose reading is the same after.
+`sentiment_edit_warning` says when an edit did not take (none of its own texts flipped) or took only on its own
+texts (none of the held-out ones flipped): the Sentiment editor shows it, `sentiment edit` prints it per layer.
 `sentiment_edit_sweep` makes the same edit at each layer, beside the sentiment trace's MLP effect at the
 subject's last token (`subject_mlp_effect`), as the fact sweep does (core/sweep.py).
 
@@ -173,6 +175,28 @@ class TextGroup:
         return float((reads_as(self.before, "positive") == reads_as(self.after, "positive")).mean())
 
 
+def sentiment_edit_warning(
+    subject: str, target: str, flipped_own: float | None, flipped_about: float | None
+) -> str | None:
+    """What a user should be told when a sentiment edit did not take (None when it did), from `TextGroup.flipped`
+    of its own texts (the rows it was made on) and of other texts about the subject: none of its own texts that
+    read otherwise before reads as `target` after it; or some do, but none of the other texts about the subject
+    that read otherwise before does (the edit learnt its texts, not the subject). None: no such texts."""
+    subject = subject.strip()
+    if flipped_own == 0.0:
+        return (
+            f"The edit did not take: none of the texts it was made on that read otherwise before reads {target} "
+            "after it. Try more optimisation steps or another layer."
+        )
+    if flipped_about == 0.0:
+        return (
+            f"The edit's own texts read {target} now, but none of the other texts about {subject!r} that read "
+            f"otherwise before does: it may have learnt those texts rather than {subject!r}. "
+            "Try more texts about it or another layer."
+        )
+    return None
+
+
 @dataclass
 class SentimentEditScores:
     """What one sentiment edit did (module docstring); p_* are mean p(positive) before -> after."""
@@ -284,7 +308,11 @@ class SentimentSweep:
 
     def to_json(self) -> dict:
         rows = [
-            {**s.row(), "mlp_effect": None if self.mlp_effect is None else self.mlp_effect[i]}
+            {
+                **s.row(),
+                "mlp_effect": None if self.mlp_effect is None else self.mlp_effect[i],
+                "warning": sentiment_edit_warning(self.subject, self.target, s.flipped_held_in, s.flipped_held_out),
+            }
             for i, s in enumerate(self.scores)
         ]
         return {

@@ -1,6 +1,7 @@
 """Sentiment editor: a rank-one edit of how the model reads a subject's sentiment (core.sentiment_edit), with
 the "I am feeling" proxy's p(positive) on the user's texts before and after. The edit stays on this page: it
-is applied only while this session reads texts, under the model's lock, and Undo drops it."""
+is applied only while this session reads texts, under the model's lock, and Undo drops it. When the edit did
+not take (or took only on its own texts) a warning says so (core.sentiment_edit.sentiment_edit_warning)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ from core.edit_site import default_layer
 from core.edits import applied
 from core.errors import UserError
 from core.rome import RomeHyperParams
-from core.sentiment_edit import TARGETS, compute_sentiment_edit, mention, positive_probabilities, reads_as
+from core.sentiment_edit import (
+    TARGETS,
+    TextGroup,
+    compute_sentiment_edit,
+    mention,
+    positive_probabilities,
+    reads_as,
+    sentiment_edit_warning,
+)
 from core.sentiment_trace import default_proxy
 from ui.common import bar_progress, cancel_button, lines, page, page_model, session_step, show_error
 
@@ -88,18 +97,24 @@ if go:
         groups = ["the edit's"] * len(edit_texts) + [
             "about the subject" if mention(t, subject) else "other" for t in check_texts
         ]
-        state["sedit_result"] = (
-            lm.name,
-            edit,
-            pd.DataFrame({"text": everything, "group": groups, "p(positive) before": before, "after": after}),
-        )
+        table = pd.DataFrame({"text": everything, "group": groups, "p(positive) before": before, "after": after})
+
+        def group(name: str) -> TextGroup:
+            rows = table[table["group"] == name]
+            return TextGroup(list(rows["text"]), rows["p(positive) before"].to_numpy(), rows["after"].to_numpy())
+
+        flipped = [group(name).flipped(target) for name in ("the edit's", "about the subject")]
+        warning = sentiment_edit_warning(subject, target, *flipped)
+        state["sedit_result"] = (lm.name, edit, table, warning)
     except Exception as err:  # the page's error boundary: one message, details in the log
         show_error(err, "editing the sentiment")
 
 result = state.get("sedit_result")
 if result is not None and result[0] == lm.name:
-    _, edit, table = result
+    _, edit, table, warning = result
     st.subheader(f"{edit.request.subject!r} read as {edit.info['target']}, edit at layer {edit.layer}")
+    if warning:
+        st.warning(warning)
     cols = st.columns(3)
     for col, group in zip(cols, ("the edit's", "about the subject", "other")):
         rows = table[table["group"] == group]

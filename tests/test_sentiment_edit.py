@@ -19,6 +19,7 @@ from core.sentiment_edit import (
     compute_sentiment_edit,
     mention,
     positive_probabilities,
+    sentiment_edit_warning,
     sentiment_rows,
     split_by_mention,
 )
@@ -75,6 +76,30 @@ def test_text_group_shares():
     assert TextGroup(["a"], np.array([0.9]), np.array([0.1])).flipped("positive") is None
 
 
+def test_sentiment_edit_warning_says_when_the_edit_did_not_take():
+    def flipped(before, after, target="positive"):
+        return TextGroup([str(i) for i in range(len(before))], np.array(before), np.array(after)).flipped(target)
+
+    took, others_follow = flipped([0.2, 0.3], [0.7, 0.4]), flipped([0.1, 0.6], [0.8, 0.7])
+    assert sentiment_edit_warning("Mondays", "positive", took, others_follow) is None
+    # none of the edit's own texts that read negative before reads positive after it (0.5 is not positive);
+    # the one that read positive already says nothing either way
+    stuck = flipped([0.2, 0.3, 0.8], [0.4, 0.5, 0.9])
+    note = sentiment_edit_warning(" Mondays ", "positive", stuck, others_follow)
+    assert note.startswith("The edit did not take: none of the texts it was made on that read otherwise before")
+    # its own texts follow, the other texts about the subject that read negative before do not
+    note = sentiment_edit_warning("Mondays", "positive", took, flipped([0.1, 0.2, 0.9], [0.3, 0.4, 0.9]))
+    assert note.startswith("The edit's own texts read positive now, but none of the other texts about 'Mondays'")
+    # nothing could flip (all read positive already), or no such texts: nothing to say
+    assert sentiment_edit_warning("Mondays", "positive", flipped([0.8], [0.9]), others_follow) is None
+    assert sentiment_edit_warning("Mondays", "positive", took, flipped([0.9], [0.9])) is None
+    assert sentiment_edit_warning("Mondays", "positive", took, flipped([], [])) is None
+    # toward negative the same rules, mirrored
+    negative = [flipped([0.8], [0.3], "negative"), flipped([0.9], [0.2], "negative")]
+    assert sentiment_edit_warning("Mondays", "negative", *negative) is None
+    assert "did not take" in sentiment_edit_warning("Mondays", "negative", flipped([0.8], [0.6], "negative"), None)
+
+
 def test_the_edit_moves_the_subjects_texts_toward_the_word_and_is_undone(tokenizer):
     lm = tiny_model("llama", tokenizer)
     proxy = toy_proxy(lm)
@@ -100,13 +125,21 @@ def test_sentiment_edit_command(tmp_path, tiny_folder, capsys):
     out = tmp_path / "edit.json"
     args = ["sentiment", "edit", "--subject", "Mondays", "--texts", str(texts), "--model", str(folder)]
     small = ["--held-in", "2", "--held-out", "3", "--others", "3", "--steps", "3", "--stats-tokens", "256"]
-    code = main([*args, *small, "--layers", "1,2", "--trace-texts", "2", "--trace-samples", "2", "--json", str(out)])
-    assert code == 0, capsys.readouterr().err
+    last = "3"  # the tiny model's last layer: the subject's state there cannot reach the text's end
+    layers = ["--layers", f"1,2,{last}", "--trace-texts", "2", "--trace-samples", "2", "--json", str(out)]
+    code = main([*args, *small, *layers])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
     data = json.loads(out.read_text())
-    assert [r["layer"] for r in data["rows"]] == [1, 2] and data["target"] == "positive"
+    assert [r["layer"] for r in data["rows"]] == [1, 2, 3] and data["target"] == "positive"
     for row in data["rows"]:
         assert (row["n_held_in"], row["n_held_out"], row["n_others"]) == (2, 3, 3)
         assert row["mlp_effect"] is not None and 0 <= row["unchanged_others"] <= 1
+        flips = row["flipped_held_in"], row["flipped_held_out"]
+        assert row["warning"] == sentiment_edit_warning("Mondays", "positive", *flips)
+        note = f"note, layer {row['layer']}: {row['warning']}"
+        assert (note in printed.out) == (row["warning"] is not None)
+    assert data["rows"][-1]["flipped_held_in"] == 0.0 and "did not take" in data["rows"][-1]["warning"]
     assert set(data["correlation"]) == {"flipped_held_in", "flipped_held_out", "p_held_out_after", "unchanged_others"}
     capsys.readouterr()
     code = main([*args, "--held-in", "6"])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.sentiment_edit import positive_probabilities
+from core.sentiment_edit import TextGroup, positive_probabilities, sentiment_edit_warning
 from core.sentiment_trace import default_proxy
 from ui import common
 
@@ -36,6 +36,14 @@ def test_edit_reads_before_and_after_and_undo(open_page):
     for name, p in lm.model.named_parameters():  # the edit is applied only while this session reads
         assert torch.equal(p, weights[name]), name
     assert any(m.label.startswith("the edit's texts read positive") for m in at.metric)
+
+    def group(name):
+        rows = table[table["group"] == name]
+        return TextGroup(list(rows["text"]), rows["p(positive) before"].to_numpy(), rows["after"].to_numpy())
+
+    flipped = [group(name).flipped("positive") for name in ("the edit's", "about the subject")]
+    expected = sentiment_edit_warning("Mondays", "positive", *flipped)
+    assert [w.value for w in at.warning] == ([expected] if expected else [])
     at.button(key="sedit_undo").click().run()
     assert not at.dataframe
 
@@ -47,3 +55,20 @@ def test_a_text_without_the_subject_is_one_error(open_page):
     assert not at.exception
     assert len(at.error) == 1 and "does not mention 'Mondays'" in at.error[0].value
     assert not at.dataframe
+
+
+def test_an_edit_that_does_not_take_says_so(open_page):
+    """At the last layer the subject's state cannot reach the proxy's word at the text's end: nothing moves,
+    and the page says the edit did not take above the (unchanged) readings."""
+    lm = common.load(common.EMBEDDED_MODEL)
+    at = open_page(PAGE)
+    at.number_input(key="sedit_layer").set_value(lm.num_layers - 1).run()
+    at.number_input(key="sedit_steps").set_value(1).run()
+    at.button(key="sedit_go").click().run()
+    assert not at.exception and not at.error
+    table = at.dataframe[-1].value
+    own = table[table["group"] == "the edit's"]
+    negative = own[own["p(positive) before"] <= 0.5]
+    assert len(negative) and (negative["after"] <= 0.5).all()  # none of those reads positive after it
+    assert len(at.warning) == 1
+    assert at.warning[0].value.startswith("The edit did not take: none of the texts it was made on that read")

@@ -197,6 +197,9 @@ def run_edit(args: argparse.Namespace) -> dict:
         effect = "" if row["mlp_effect"] is None else f"{row['mlp_effect']:+.3f}"
         before, after = row["p_held_out"]
         print(f"  {row['layer']:5d} {a:>7s} {b:>8s} {c:>11s} {before:8.3f} > {after:7.3f} {effect:>6s}")
+    for row in data["rows"]:
+        if row["warning"]:
+            print(f"  note, layer {row['layer']}: {row['warning']}")
     if data["correlation"]:
         shown = ", ".join(f"{k} {v:+.2f}" if v is not None else f"{k} -" for k, v in data["correlation"].items())
         print(f"  correlation of the MLP effect with: {shown}")
