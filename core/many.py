@@ -35,7 +35,7 @@ from core.edits import Edit, EditRequest, EditStack
 from core.errors import UserError
 from core.evaluation import continuations, held_out, names_object, ngram_entropy, target_log_probs
 from core.generation import GenerationSettings, generate
-from core.memit import VALUE_SETTINGS, MemitParams, memit_batch
+from core.memit import VALUE_SETTINGS, MemitParams, keys_by_layer, memit_batch
 from core.models import LoadedModel
 from core.progress import Progress
 from core.rome import RomeHyperParams, compute_edit, validate_request, value_products
@@ -189,14 +189,6 @@ def generation_efficacy(lm: LoadedModel, cases: Sequence[CounterFactCase]) -> fl
     for i, text in zip(owners, texts):
         per_case.setdefault(i, []).append(names_object(text, cases[i].target_new))
     return float(np.mean([np.mean(v) for v in per_case.values()]))
-
-
-def keys_by_layer(edits: Sequence[Edit]) -> dict[int, torch.Tensor]:
-    """The edits' keys, stacked per layer (float32)."""
-    keys: dict[int, list[torch.Tensor]] = {}
-    for edit in edits:
-        keys.setdefault(edit.layer, []).append(edit.key.float())
-    return {layer: torch.stack(k) for layer, k in keys.items()}
 
 
 def update_norm(edits: Sequence[Edit]) -> float:

@@ -17,7 +17,7 @@ ordinary rank-one `Edit` (core.edits): the batch applies, undoes, exports and sa
 With `MemitParams.null_space` the solve is AlphaEdit's (core.alphaedit, the paper's own setting): no C, the
 update projected onto the null space P of the layer's key statistics, keeping the keys Kp of the edits the
 model already carries: Delta_l = R K^T P (Kp Kp^T P + K K^T P + l2 I)^-1. Batches one after another
-(core.many) then neither disturb what the model knew nor undo earlier batches.
+(core.many, `memit_one_by_one`) then neither disturb what the model knew nor undo earlier batches.
 """
 
 from __future__ import annotations
@@ -265,3 +265,45 @@ def memit_batch(
     finally:
         stack.undo_all()
     return MemitBatch(edits, kept, requests, skipped)
+
+
+def keys_by_layer(edits: Sequence[Edit]) -> dict[int, torch.Tensor]:
+    """The edits' keys, stacked per layer (float32): what the `null_space` solve keeps (`earlier_keys`)."""
+    keys: dict[int, list[torch.Tensor]] = {}
+    for edit in edits:
+        keys.setdefault(edit.layer, []).append(edit.key.float())
+    return {layer: torch.stack(k) for layer, k in keys.items()}
+
+
+def memit_one_by_one(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    rome: RomeHyperParams | None = None,
+    params: MemitParams | None = None,
+    progress: Progress | None = None,
+    earlier: Sequence[Edit] = (),
+) -> MemitBatch:
+    """Each request its own MEMIT batch, one after another: each computed on the model carrying the ones before
+    it, and, with `params.null_space`, its solve keeping their keys and those of `earlier` (the edits the model
+    carries already), as `edit-many --method memit --batch-size 1 --null-space` does. The model is left as it
+    was; the result lists every edit in order, like one batch's. progress counts requests."""
+    params = params or MemitParams()
+    tick = progress or (lambda done, total: None)
+    stack = EditStack(lm)
+    kept: list[int] = []
+    checked: list[EditRequest] = []
+    skipped: list[tuple[int, str]] = []
+    try:
+        for i, request in enumerate(requests):
+            keep = keys_by_layer([*earlier, *stack.edits]) if params.null_space else None
+            batch = memit_batch(lm, [request], rome, params, earlier_keys=keep)
+            for edit in batch.edits:
+                stack.apply(edit)
+            if batch.kept:
+                kept.append(i)
+                checked += batch.requests
+            skipped += [(i, why) for _, why in batch.skipped]
+            tick(i + 1, len(requests))
+        return MemitBatch(list(stack.edits), kept, checked, skipped)
+    finally:
+        stack.undo_all()

@@ -1,20 +1,30 @@
-"""Many edits: a batch of facts in one MEMIT update (core.memit), each fact's before/after (probabilities and the
-text the model writes after the fact's prompt, ui.common.batch_rows), undo of the batch; and saving the model with
-this session's edits as a Hugging Face folder (core.saving)."""
+"""Many edits: a table of facts edited in one MEMIT update (core.memit.memit_batch) or one after another, each
+kept out of the earlier edits' way by AlphaEdit's null-space solve (core.memit.memit_one_by_one); each fact's
+before/after (probabilities and the text the model writes after the fact's prompt, ui.common.batch_rows), undo
+of the batch; and saving the model with this session's edits as a Hugging Face folder (core.saving)."""
 
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
 
+from core.alphaedit import AlphaEditParams
 from core.edits import applied
 from core.errors import UserError
-from core.memit import MemitParams, default_layers, memit_batch
+from core.memit import MemitParams, default_layers, memit_batch, memit_one_by_one
 from core.requests import COLUMNS, read_requests
 from core.saving import save_edited_model
 from ui.common import add_edits, batch_rows, page, page_model, remove_edit, session_edits, show_error
 
 BATCH_KEY = "memit_batch"
+ONE_BATCH, ONE_BY_ONE = "All in one update", "One after another"
+MODE_HELP = (
+    "All in one update: MEMIT solves every fact together against what each layer already stores (fastest; the "
+    "project's 94 test facts: 0.99 efficacy, 0.82 paraphrase, 0.85 neighbourhood). One after another: each fact "
+    "its own MEMIT edit, on the model carrying the ones before it and this session's edits, its update kept out "
+    "of their way and of the corpus's keys by AlphaEdit's null-space solve (slower; on the same 94: 1.00 / 0.94 / "
+    "0.81, and more of the new facts written in the model's text)."
+)
 EXAMPLE = pd.DataFrame(
     [
         {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"},
@@ -27,9 +37,10 @@ EXAMPLE = pd.DataFrame(
 page("Many edits", ":material/library_add:")
 st.title("Many edits")
 st.markdown(
-    "Edit **many facts in one update** with MEMIT: the change is spread over a range of MLP layers, each solved "
-    "against the keys the layer already stores. The batch joins this session's edits (nobody else sees it) and "
-    "can be undone as a whole. Then take the edited model away as a Hugging Face folder."
+    "Edit **many facts at once** with MEMIT: the change is spread over a range of MLP layers, each solved "
+    "against the keys the layer already stores; all in one update, or one fact after another. The batch joins "
+    "this session's edits (nobody else sees it) and can be undone as a whole. Then take the edited model away "
+    "as a Hugging Face folder."
 )
 
 lm = page_model()
@@ -44,6 +55,7 @@ upload = st.file_uploader(
     key="memit_upload",
 )
 table = st.data_editor(EXAMPLE, num_rows="dynamic", key="memit_table", width="stretch")
+mode = st.radio("How", (ONE_BATCH, ONE_BY_ONE), horizontal=True, key="memit_mode", help=MODE_HELP)
 layers = default_layers(lm)
 st.caption(
     f"Layers {layers[0]}-{layers[-1]}: each needs its key statistics once (a corpus pass per layer, cached on disk)."
@@ -59,9 +71,14 @@ if st.button("Edit the batch", key="memit_run", type="primary"):
         with applied(lm, current):  # the batch is computed on the model as this session has it
 
             def progress(done: int, total: int) -> None:
-                bar.progress(min(done / max(total, 1), 1.0), text=f"MEMIT {done}/{total}")
+                what = "facts" if mode == ONE_BY_ONE else "MEMIT steps"
+                bar.progress(min(done / max(total, 1), 1.0), text=f"{what} {done}/{total}")
 
-            batch = memit_batch(lm, requests, params=MemitParams(layers=layers), progress=progress)
+            if mode == ONE_BY_ONE:
+                params = MemitParams(layers=layers, null_space=AlphaEditParams())
+                batch = memit_one_by_one(lm, requests, params=params, progress=progress, earlier=current)
+            else:
+                batch = memit_batch(lm, requests, params=MemitParams(layers=layers), progress=progress)
         bar.progress(1.0, text="reading each fact's text before and after the batch")
         rows = batch_rows(lm, current, current + batch.edits, batch.requests)
         add_edits(batch.edits)

@@ -20,7 +20,7 @@ from core.edits import EditRequest, applied, export_edits
 from core.errors import UserError
 from core.evaluation import held_out
 from core.many import SKIPS_BEFORE_GIVING_UP, ManyParams, current_facts, edit_many, request_of, score_cases, update_norm
-from core.memit import MemitParams, memit_batch, site_states, target_deltas
+from core.memit import MemitParams, keys_by_layer, memit_batch, memit_one_by_one, site_states, target_deltas
 from core.requests import read_requests
 from core.rome import (
     RomeHyperParams,
@@ -354,6 +354,37 @@ def test_memit_null_space_batches_are_alphaedits_formula(tiny, cases):
             torch.testing.assert_close(edit.delta().double(), naive, atol=1e-5, rtol=1e-3)
             outside = edit.delta().double() @ (eye - projector)
             assert float(outside.norm()) < 1e-4 * float(edit.delta().norm())
+
+
+def test_memit_one_by_one_is_edit_manys_sequential_run(tiny, cases):
+    """The app's "one after another": the same edits as `edit_many` in batches of 1 with the null-space solve;
+    on top of edits the model carries (`earlier`), each solve also keeps their keys. A request that cannot be
+    edited is listed with its index; the model is left bitwise as it was."""
+    memit = MemitParams(layers=(1, 2), null_space=AlphaEditParams(l2=0.1))
+    params = ManyParams(method="memit", rome=TINY, fluency_tokens=0, text_scores=False, memit=memit, batch_size=1)
+    _, expected = edit_many(tiny, cases[:3], params)
+    before = weights(tiny)
+    requests = [request_of(c) for c in cases[:3]]
+    done = []
+    batch = memit_one_by_one(tiny, requests, TINY, memit, progress=lambda i, n: done.append((i, n)))
+    assert [(e.layer, e.request.subject) for e in batch.edits] == [(e.layer, e.request.subject) for e in expected]
+    for mine, theirs in zip(batch.edits, expected):
+        assert torch.equal(mine.u, theirs.u) and torch.equal(mine.v, theirs.v) and torch.equal(mine.key, theirs.key)
+    assert batch.kept == [0, 1, 2] and batch.skipped == [] and done == [(1, 3), (2, 3), (3, 3)]
+    assert [r.target_true for r in batch.requests] == [validate_request(tiny, r).target_true for r in requests]
+    assert all(torch.equal(p, before[n]) for n, p in tiny.model.named_parameters())
+
+    # on top of the first fact's edits: the same as computing the second on that model, keeping their keys
+    earlier = batch.edits[:2]
+    with applied(tiny, earlier):
+        alone = memit_batch(tiny, requests[1:2], TINY, memit, earlier_keys=keys_by_layer(earlier))
+        # a request that cannot be edited (its new object is its true one) is skipped with its index
+        unchanged = replace(requests[0], target_new=requests[0].target_true)
+        later = memit_one_by_one(tiny, [unchanged, requests[1]], TINY, memit, earlier=earlier)
+    assert len(later.edits) == len(alone.edits) == 2
+    assert all(torch.equal(a.u, b.u) and torch.equal(a.v, b.v) for a, b in zip(later.edits, alone.edits))
+    assert later.kept == [1] and [i for i, _ in later.skipped] == [0] and "equals the true" in later.skipped[0][1]
+    assert all(torch.equal(p, before[n]) for n, p in tiny.model.named_parameters())
 
 
 def test_site_states_equal_the_per_request_keys_and_states(tiny, cases):

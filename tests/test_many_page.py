@@ -4,9 +4,13 @@ library computes it, undo of the batch, and saving the session's edits as a fold
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
+from core.alphaedit import AlphaEditParams
+from core.edits import EditRequest
 from core.evaluation import names_object
+from core.memit import MemitParams, default_layers, memit_one_by_one
 from ui import common
 
 PAGE = "pages/5_Many_edits.py"
@@ -41,3 +45,30 @@ def test_batch_undo_and_save(tmp_path, open_page):
     at.button(key="memit_undo").click().run()
     assert at.session_state[common.EDITS_KEY] == []
     assert all("p(new) after" not in d.value.columns for d in at.dataframe)  # the batch's table is gone
+
+
+def test_one_after_another_keeps_out_of_the_earlier_edits_way(open_page):
+    """ "One after another": the session's edits are those `memit_one_by_one` gives for the same facts (each on
+    the model carrying the ones before it, with the null-space solve), every fact's row is read, undo drops
+    them all."""
+    at = open_page(PAGE)
+    at.radio(key="memit_mode").set_value("One after another").run()
+    at.button(key="memit_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    rows = at.dataframe[-1].value
+    assert list(rows["new"]) == ["Rome", "Madrid", "London"] and (rows["edited"] == "yes").sum() >= 2
+    edits = at.session_state[common.EDITS_KEY]
+    lm = common.load(common.EMBEDDED_MODEL)
+    requests = [  # the page's example table
+        EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome"),
+        EditRequest("The capital of {} is", "Germany", "Madrid"),
+        EditRequest("{} can be found in the city of", "The Colosseum", "London"),
+    ]
+    params = MemitParams(layers=default_layers(lm), null_space=AlphaEditParams())
+    expected = memit_one_by_one(lm, requests, params=params).edits
+    assert len(edits) == len(expected) == 3 * 4
+    for shown, alone in zip(edits, expected):
+        assert (shown.layer, shown.request.subject) == (alone.layer, alone.request.subject)
+        assert torch.equal(shown.u, alone.u) and torch.equal(shown.v, alone.v)
+    at.button(key="memit_undo").click().run()
+    assert at.session_state[common.EDITS_KEY] == []
