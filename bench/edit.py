@@ -8,6 +8,7 @@ settings (one change each) are further runs by name.
     PYTHONPATH=. python bench/edit.py --no-latency --runs rome,ctx10+10,stop-nll --every 3   # ablations
     PYTHONPATH=. python bench/edit.py --measure-layer 20
     PYTHONPATH=. python bench/edit.py --show A.json B.json   # stored runs side by side, over their common cases
+                                                              # (and their texts by prompt kind)
 
 Times are wall-clock and CPU (process) seconds: on a shared machine the CPU seconds with --threads 1 are
 what a quiet core would take.
@@ -37,7 +38,7 @@ from core.counterfact import PROJECT_FILE, load_counterfact
 from core.covariance import DEFAULT_TOKENS, key_statistics
 from core.edit_site import default_layer, measure_layer
 from core.edits import EditRequest
-from core.evaluation import CaseResult, FTHyperParams, evaluate_case, held_out, summarise
+from core.evaluation import CaseResult, FTHyperParams, evaluate_case, held_out, naming_rates, summarise
 from core.models import load_model
 from core.rome import PAPER, RomeHyperParams, compute_edit
 
@@ -147,15 +148,25 @@ def stored_runs(paths: list[str]) -> dict[str, list[CaseResult]]:
 HIDDEN = ("method", "efficacy_magnitude", "paraphrase_magnitude", "neighborhood_magnitude", "mean_edit_cpu_seconds")
 
 
-def common_table(runs: dict[str, list[CaseResult]]) -> pd.DataFrame:
-    """Each run's row over the cases every run measured (by case id): runs of different subsets side by side."""
+def common_cases(runs: dict[str, list[CaseResult]]) -> dict[str, list[CaseResult]]:
+    """Each run's cases among those every run measured (by case id): runs of different subsets side by side."""
     common = set.intersection(*({c.case_id for c in cases} for cases in runs.values()))
+    return {label: [c for c in cases if c.case_id in common] for label, cases in runs.items()}
+
+
+def common_table(runs: dict[str, list[CaseResult]]) -> pd.DataFrame:
+    """Each run's row over the cases every run measured."""
     rows = []
-    for label, cases in runs.items():
-        kept = [c for c in cases if c.case_id in common]
+    for label, kept in common_cases(runs).items():
         row = summarise("rome", kept, any(c.fluency is not None for c in kept), 0.0).row()
         rows.append({"run": label, **{k: v for k, v in row.items() if k not in HIDDEN}})
     return pd.DataFrame(rows)
+
+
+def naming_table(runs: dict[str, list[CaseResult]]) -> pd.DataFrame:
+    """Each run's texts by prompt kind over the common cases (core.evaluation.naming_rates): how often the
+    texts after the edit name the new object, beside how often the unedited model's name the true one."""
+    return pd.DataFrame([{"run": label, **naming_rates(kept)} for label, kept in common_cases(runs).items()])
 
 
 def table(
@@ -214,8 +225,10 @@ def main() -> None:
     if args.show:
         if missing := [path for path in args.show if not Path(path).is_file()]:
             parser.error(f"no such file: {', '.join(missing)}")
-        shown = common_table(stored_runs(args.show))
-        print(shown.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+        runs = stored_runs(args.show)
+        print(common_table(runs).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+        print("\ntexts naming the new object after the edit / the true object before it, by prompt kind:")
+        print(naming_table(runs).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
         return
     torch.set_num_threads(args.threads)
     lm = load_model(device="cpu")

@@ -484,6 +484,19 @@ def pooled_share(hits: Sequence[int | None], of: Sequence[int | None]) -> float 
     return sum(h for h in hits if h is not None) / total if total else None
 
 
+def naming_rates(results: Sequence[CaseResult]) -> dict[str, float | None]:
+    """What the texts of `results` name, by prompt kind ("generation": the open-ended prompts, "paraphrase"),
+    pooled over every text of that kind: `{kind}_new_after`, the share of texts after the edit that name the
+    new object; `{kind}_true_before`, the share of the unedited model's texts that name the true object (how
+    often the model writes a fact it knows after such a prompt). None: no texts of that kind."""
+    rates: dict[str, float | None] = {}
+    for kind in ("generation", "paraphrase"):
+        for name, key, obj in (("new_after", kind, "target_new"), ("true_before", f"{kind}_before", "target_true")):
+            hits = [names_object(text, getattr(r, obj)) for r in results for text in r.texts.get(key, [])]
+            rates[f"{kind}_{name}"] = float(np.mean(hits)) if hits else None
+    return rates
+
+
 def _mean(values: list[float | None]) -> float:
     kept = [v for v in values if v is not None]
     return float(np.mean(kept)) if kept else math.nan

@@ -18,6 +18,7 @@ from core.errors import UserError
 from core.evaluation import (
     ESSENCE_PROMPTS,
     TOP_TOKENS,
+    CaseResult,
     FTHyperParams,
     continuations,
     edit_warning,
@@ -27,6 +28,7 @@ from core.evaluation import (
     ft_delta,
     harmonic_mean,
     names_object,
+    naming_rates,
     next_token_kl,
     next_token_log_probs,
     ngram_entropy,
@@ -164,6 +166,28 @@ def last_log_probs(lm, text):
     ids = torch.tensor([lm.tokenizer(text)["input_ids"]])
     with torch.no_grad():
         return torch.log_softmax(lm.model(input_ids=ids).logits[0, -1].double(), dim=-1)
+
+
+def test_naming_rates_pool_each_prompt_kind_s_texts():
+    """Texts after the edit are read for the new object, the unedited texts for the true one, each prompt kind
+    pooled over every case's texts (3 + 1 open-ended texts below, not a mean of the two cases' shares)."""
+    one = CaseResult(0, "A", "Rome", "Paris")
+    one.texts = {
+        "generation": ["in Rome, Italy", "a tower", "romeo"],  # romeo is not Rome
+        "generation_before": ["in Paris", "paris!", "a tower"],
+        "paraphrase": ["Rome."],
+        "paraphrase_before": ["Paris."],
+    }
+    two = CaseResult(1, "B", "Oslo", "Bern")
+    two.texts = {"generation": ["Oslo"], "generation_before": ["Zurich"], "paraphrase": [], "paraphrase_before": []}
+    rates = naming_rates([one, two])
+    assert rates == {
+        "generation_new_after": 2 / 4,
+        "generation_true_before": 2 / 4,
+        "paraphrase_new_after": 1.0,
+        "paraphrase_true_before": 1.0,
+    }
+    assert naming_rates([CaseResult(2, "C", "x", "y")]) == dict.fromkeys(rates)  # no texts: None
 
 
 def test_essence_drift_is_the_kl_from_the_unedited_next_token_distribution(tiny):
