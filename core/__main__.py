@@ -7,8 +7,7 @@ import importlib
 import os
 import sys
 
-from core.commands import COMMAND_MODULES
-from core.commands.common import add_common_options, write_json
+from core.commands import COMMANDS
 from core.errors import UserError
 
 
@@ -18,27 +17,32 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser, with every command listed and only the command `argv` asks for (its first word) built in
+    full: its module, and with it torch and transformers, is imported; the others are names and help only,
+    so `--help` and a mistyped command answer at once."""
     parser = _Parser(prog="python -m core", description="ROME Studio: locate and edit facts in language models")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name == name:
-                continue  # a command not built yet
-            raise
-        module.register(sub, add_common_options)
+    asked = argv[0] if argv else None
+    for name, command in COMMANDS.items():
+        if name == asked:
+            from core.commands.common import add_common_options
+
+            importlib.import_module(command.module).register(sub, add_common_options)
+        else:
+            sub.add_parser(name, help=command.help)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     from transformers.utils import logging as hf_logging
+
+    from core.commands.common import write_json
 
     hf_logging.disable_progress_bar()  # our own bars say what is going on
     hf_logging.set_verbosity_error()
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
         result = args.run(args)
         if getattr(args, "json_out", None) and result is not None:

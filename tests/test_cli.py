@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from core.__main__ import main
+from core.__main__ import build_parser, main
+from core.commands import COMMANDS
 
 
 def run_cli(args, capsys):
@@ -175,3 +178,36 @@ def test_edit_prints_and_writes_the_likeliest_next_tokens_before_and_after(tmp_p
     assert data["next_tokens_before"] != data["next_tokens_after"]
     took = data["p_new_after"] > data["p_true_after"]  # no --generate: the probabilities decide
     assert (data["warning"] is None) == took and (f"  note: {data['warning']}" in stdout) == (not took)
+
+
+def test_help_lists_every_command_without_loading_torch():
+    """`python -m core --help` (and a mistyped command) answer without importing torch or transformers: only
+    the command asked for is built in full."""
+    script = (
+        "import sys\nfrom core.__main__ import main\n"
+        "for argv in (['--help'], ['bogus']):\n"
+        "    try:\n        main(argv)\n    except SystemExit as exit_:\n        print('exit', exit_.code)\n"
+        "print('loaded', 'torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-3:] == ["exit 0", "exit 2", "loaded False False"]
+    for name, command in COMMANDS.items():
+        assert name in done.stdout and command.help.split(" (")[0][:30] in " ".join(done.stdout.split())
+    assert "invalid choice: 'bogus'" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_the_asked_command_is_built_in_full(name, capsys):
+    """The command named first gets its module's parser (its options); another command, not asked for, is its
+    name only."""
+
+    def help_of(built_for: str) -> str:
+        with pytest.raises(SystemExit):
+            build_parser([built_for]).parse_args([name, "--help"])
+        return capsys.readouterr().out
+
+    full = help_of(name)
+    assert ("--model" in full) or (name == "sentiment" and "{evaluate,trace,edit}" in full)
+    other = next(n for n in COMMANDS if n != name)
+    bare = help_of(other)
+    assert bare.startswith(f"usage: python -m core {name} [-h]\n") and "--model" not in bare

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from core.commands import COMMANDS
 from core.commands.common import load
 from core.commands.progress import progress_bar
 from core.edits import import_edits
@@ -11,7 +12,7 @@ from core.saving import check_save_folder, save_edited_model
 
 
 def register(subparsers, add_common_options) -> None:
-    parser = subparsers.add_parser("apply", help="apply exported edits to a model and save the edited model")
+    parser = subparsers.add_parser("apply", help=COMMANDS["apply"].help)
     parser.add_argument("--edits", required=True, metavar="FILE", help="edits written by `edit --export`")
     parser.add_argument("--save", required=True, metavar="DIR", help="new folder for the edited model")
     add_common_options(parser)

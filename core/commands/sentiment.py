@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from core.commands import COMMANDS
 from core.commands.common import load, non_negative_int, positive_int
 from core.commands.progress import progress_bar
 from core.errors import UserError
@@ -19,7 +20,7 @@ def _words(text: str) -> tuple[str, str]:
 
 
 def register(subparsers, add_common_options) -> None:
-    parser = subparsers.add_parser("sentiment", help="sentiment: the 'I am feeling' proxy, a probe, the trace")
+    parser = subparsers.add_parser("sentiment", help=COMMANDS["sentiment"].help)
     sub = parser.add_subparsers(dest="sentiment_command", required=True, parser_class=type(parser))
 
     ev = sub.add_parser("evaluate", help="fit the proxy or probe on --train, report accuracy on --test")

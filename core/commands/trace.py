@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from core.budget import check_trace
+from core.commands import COMMANDS
 from core.commands.common import load, non_negative_float, non_negative_int, positive_int
 from core.commands.progress import progress_bar
 from core.errors import UserError
@@ -17,7 +18,7 @@ from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, ENGINES, KINDS, TraceR
 
 
 def register(sub, add_common_options) -> None:
-    parser = sub.add_parser("trace", help="causal trace of a prompt (hidden / mlp / attn)")
+    parser = sub.add_parser("trace", help=COMMANDS["trace"].help)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--subject", required=True)
     parser.add_argument("--kind", choices=[*KINDS, "all"], default="all")
