@@ -16,7 +16,7 @@ from core.__main__ import main
 from core.alphaedit import AlphaEditParams, null_projector, projected_solve
 from core.counterfact import PROJECT_FILE, load_counterfact
 from core.covariance import key_statistics
-from core.edits import EditRequest, applied, export_edits
+from core.edits import EditRequest, applied, export_edits, import_edits
 from core.errors import UserError
 from core.evaluation import held_out
 from core.many import SKIPS_BEFORE_GIVING_UP, ManyParams, current_facts, edit_many, request_of, score_cases, update_norm
@@ -461,6 +461,15 @@ def test_edit_many_command(tiny, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["method"] == "memit" and result["n"] + result["skipped"] == 1 and result["layers"] in ([], [0, 1])
     assert result["null_space"] is False
+    # --value-stop: every fact's value optimisation stops once its target's NLL is below it (here: at once)
+    edits_file = tmp_path / "stopped.safetensors"
+    code = main([*args, "--fluency-tokens", "0", "--value-stop", "1e9", "--export", str(edits_file)])
+    assert code == 0, capsys.readouterr().err
+    assert [e.info["steps"] for e in import_edits(edits_file)] == [1, 1]
+    assert [len(e.info["nll"]) for e in import_edits(edits_file)] == [1, 1]
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--value-stop", "-1"])
+    assert exit_.value.code == 2 and ">= 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:  # argparse: one line, exit 2
         main(["edit-many", "--data", str(data), "--method", "nope"])
     assert exit_.value.code == 2

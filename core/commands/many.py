@@ -13,14 +13,14 @@ from tqdm import tqdm
 
 from core.alphaedit import AlphaEditParams
 from core.commands import COMMANDS
-from core.commands.common import add_value_precision_option, load, positive_int
+from core.commands.common import add_value_precision_option, load, non_negative_float, positive_int
 from core.commands.progress import progress_bar
 from core.counterfact import PROJECT_FILE, load_counterfact
 from core.edits import export_edits
 from core.errors import UserError
 from core.jsonfile import read_json
 from core.many import METHODS, SEQUENTIAL, CurvePoint, ManyParams, cases_from_requests, default_rome, edit_many
-from core.memit import MemitParams
+from core.memit import VALUE_SETTINGS, MemitParams
 from core.requests import read_requests
 from core.saving import check_save_folder, save_edited_model
 
@@ -60,6 +60,14 @@ def register(subparsers, add_common_options) -> None:
     parser.add_argument("--null-threshold", type=float, default=AlphaEditParams.null_threshold, help="alphaedit")
     parser.add_argument("--l2", type=float, default=AlphaEditParams.l2, help="alphaedit: weight of ||Delta P||^2")
     parser.add_argument(
+        "--value-stop",
+        type=non_negative_float,
+        default=None,
+        metavar="NLL",
+        help="stop each fact's value optimisation once its target's NLL is below this "
+        f"(default: memit {VALUE_SETTINGS.early_stop_loss:g}; rome and alphaedit run all steps)",
+    )
+    parser.add_argument(
         "--checkpoint",
         metavar="DIR",
         help="keep the run in DIR after every curve point; the same command given DIR again goes on from there",
@@ -89,6 +97,8 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError("--null-space is MEMIT's AlphaEdit solve: use it with --method memit")
     alphaedit = AlphaEditParams(null_threshold=args.null_threshold, l2=args.l2)
     rome = replace(default_rome(args.method), value_precision=args.value_precision)
+    if args.value_stop is not None:
+        rome = replace(rome, early_stop="nll", early_stop_loss=args.value_stop)
     if args.method in SEQUENTIAL:  # --layer is ROME's and AlphaEdit's; MEMIT edits its own layers
         rome = replace(rome, layer=args.layer)
     params = ManyParams(
