@@ -25,12 +25,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     asked = argv[0] if argv else None
     for name, command in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=command.help)
         if name == asked:
             from core.commands.common import add_common_options
 
-            importlib.import_module(command.module).register(sub, add_common_options)
-        else:
-            sub.add_parser(name, help=command.help)
+            importlib.import_module(command.module).register(command_parser, add_common_options)
     return parser
 
 

@@ -97,23 +97,25 @@ if go:
         groups = ["the edit's"] * len(edit_texts) + [
             "about the subject" if mention(t, subject) else "other" for t in check_texts
         ]
-        table = pd.DataFrame({"text": everything, "group": groups, "p(positive) before": before, "after": after})
-
-        def group(name: str) -> TextGroup:
-            rows = table[table["group"] == name]
-            return TextGroup(list(rows["text"]), rows["p(positive) before"].to_numpy(), rows["after"].to_numpy())
-
-        flipped = [group(name).flipped(target) for name in ("the edit's", "about the subject")]
-        warning = sentiment_edit_warning(subject, target, *flipped)
-        state["sedit_result"] = (lm.name, edit, table, warning)
+        state["sedit_result"] = (
+            lm.name,
+            edit,
+            pd.DataFrame({"text": everything, "group": groups, "p(positive) before": before, "after": after}),
+        )
     except Exception as err:  # the page's error boundary: one message, details in the log
         show_error(err, "editing the sentiment")
 
 result = state.get("sedit_result")
 if result is not None and result[0] == lm.name:
-    _, edit, table, warning = result
-    st.subheader(f"{edit.request.subject!r} read as {edit.info['target']}, edit at layer {edit.layer}")
-    if warning:
+    _, edit, table = result
+    target = edit.info["target"]
+    st.subheader(f"{edit.request.subject!r} read as {target}, edit at layer {edit.layer}")
+    flipped = []
+    for name in ("the edit's", "about the subject"):
+        rows = table[table["group"] == name]
+        group = TextGroup(list(rows["text"]), rows["p(positive) before"].to_numpy(), rows["after"].to_numpy())
+        flipped.append(group.flipped(target))
+    if warning := sentiment_edit_warning(edit.request.subject, target, *flipped):
         st.warning(warning)
     cols = st.columns(3)
     for col, group in zip(cols, ("the edit's", "about the subject", "other")):
@@ -122,8 +124,8 @@ if result is not None and result[0] == lm.name:
             kept = (reads_as(rows["p(positive) before"], "positive") == reads_as(rows["after"], "positive")).sum()
             col.metric("other texts: reading kept", f"{kept} / {len(rows)}")
         else:
-            now = reads_as(rows["after"], edit.info["target"]).sum()
-            col.metric(f"{group} texts read {edit.info['target']}", f"{now} / {len(rows)}")
+            now = reads_as(rows["after"], target).sum()
+            col.metric(f"{group} texts read {target}", f"{now} / {len(rows)}")
     st.dataframe(
         table.style.format({"p(positive) before": "{:.3f}", "after": "{:.3f}"}), hide_index=True, width="stretch"
     )

@@ -1,10 +1,10 @@
-"""Command-line commands: one module each, every module exposes `register(subparsers, add_common_options)`.
+"""Command-line commands: one module each, every module exposes `register(parser, add_common_options)`, which
+adds the command's options to its parser and sets `run=handler`.
 
 `COMMANDS` names each command's module and its one-line help, so that `python -m core --help` lists them all
-without importing any (core/__main__.py imports only the module of the command asked for: torch and
-transformers load in seconds, the list at once). A module's parser takes its help from here and sets
-`run=handler`; the handler takes the parsed arguments, prints a short human summary and returns the
-machine-readable result (a dict) that `--json OUT` writes.
+without importing any (core/__main__.py makes every command's parser from here and imports only the module of
+the command asked for: torch and transformers load in seconds, the list at once). The handler takes the parsed
+arguments, prints a short human summary and returns the machine-readable result (a dict) that `--json OUT` writes.
 """
 
 from __future__ import annotations

@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 
 from core.aie import average_indirect_effect
-from core.commands import COMMANDS
 from core.commands.common import load, non_negative_float, positive_int
 from core.commands.progress import progress_bar
 from core.facts import load_facts
 from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, KINDS
 
 
-def register(sub, add_common_options) -> None:
-    parser = sub.add_parser("aie", help=COMMANDS["aie"].help)
+def register(parser: argparse.ArgumentParser, add_common_options) -> None:
     parser.add_argument("--facts", required=True, help="JSON list of {subject, prompt, attribute}")
     parser.add_argument("--limit", type=positive_int, default=None, help="trace at most N known facts")
     parser.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from core.commands import COMMANDS
 from core.commands.common import load
 from core.commands.progress import progress_bar
 from core.edits import import_edits
 from core.saving import check_save_folder, save_edited_model
 
 
-def register(subparsers, add_common_options) -> None:
-    parser = subparsers.add_parser("apply", help=COMMANDS["apply"].help)
+def register(parser: argparse.ArgumentParser, add_common_options) -> None:
     parser.add_argument("--edits", required=True, metavar="FILE", help="edits written by `edit --export`")
     parser.add_argument("--save", required=True, metavar="DIR", help="new folder for the edited model")
     add_common_options(parser)

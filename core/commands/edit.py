@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 
-from core.commands import COMMANDS
 from core.commands.common import add_rome_options, load, output_file, positive_int, rome_settings
 from core.commands.progress import progress_bar
 from core.covariance import CORPORA, DEFAULT_CORPUS, DEFAULT_TOKENS, statistics_cached, statistics_seconds
@@ -19,8 +18,7 @@ from core.rome import RomeHyperParams, compute_edit, validate_request
 from core.saving import check_save_folder, save_edited_model
 
 
-def register(subparsers, add_common_options) -> None:
-    parser = subparsers.add_parser("edit", help=COMMANDS["edit"].help)
+def register(parser: argparse.ArgumentParser, add_common_options) -> None:
     parser.add_argument(
         "--prompt", required=True, help='prompt with {} for the subject, e.g. "{} is located in the city of"'
     )

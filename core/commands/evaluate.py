@@ -8,7 +8,6 @@ import argparse
 
 from tqdm import tqdm
 
-from core.commands import COMMANDS
 from core.commands.common import add_rome_options, load, positive_int, rome_settings
 from core.counterfact import PROJECT_FILE, load_counterfact
 from core.covariance import CORPORA, DEFAULT_CORPUS, DEFAULT_TOKENS
@@ -17,8 +16,7 @@ from core.evaluation import METHODS, TEXT_TOKENS, FTHyperParams, evaluate
 from core.rome import RomeHyperParams
 
 
-def register(subparsers, add_common_options) -> None:
-    parser = subparsers.add_parser("evaluate", help=COMMANDS["evaluate"].help)
+def register(parser: argparse.ArgumentParser, add_common_options) -> None:
     parser.add_argument(
         "--data", default=str(PROJECT_FILE), help='CounterFact-format JSON file, or "counterfact" for the public file'
     )

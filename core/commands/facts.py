@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from core.commands import COMMANDS
 from core.commands.common import load, output_file
 from core.commands.progress import progress_bar
 from core.facts import DEFAULT_FACTS, known_facts, load_facts, save_facts
 
 
-def register(sub, add_common_options) -> None:
-    parser = sub.add_parser("facts", help=COMMANDS["facts"].help)
+def register(parser: argparse.ArgumentParser, add_common_options) -> None:
     parser.add_argument("--facts", default=str(DEFAULT_FACTS))
     parser.add_argument("--keep", metavar="OUT", type=output_file, help="write the known facts to this JSON file")
     add_common_options(parser)

@@ -12,7 +12,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from core.alphaedit import AlphaEditParams
-from core.commands import COMMANDS
 from core.commands.common import add_value_precision_option, load, non_negative_float, positive_int
 from core.commands.progress import progress_bar
 from core.counterfact import PROJECT_FILE, load_counterfact
@@ -25,8 +24,7 @@ from core.requests import read_requests
 from core.saving import check_save_folder, save_edited_model
 
 
-def register(subparsers, add_common_options) -> None:
-    parser = subparsers.add_parser("edit-many", help=COMMANDS["edit-many"].help)
+def register(parser: argparse.ArgumentParser, add_common_options) -> None:
     parser.add_argument(
         "--data",
         default=str(PROJECT_FILE),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from core.commands import COMMANDS
 from core.commands.common import load, non_negative_int, positive_int
 from core.commands.progress import progress_bar
 from core.errors import UserError
@@ -19,8 +18,7 @@ def _words(text: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def register(subparsers, add_common_options) -> None:
-    parser = subparsers.add_parser("sentiment", help=COMMANDS["sentiment"].help)
+def register(parser: argparse.ArgumentParser, add_common_options) -> None:
     sub = parser.add_subparsers(dest="sentiment_command", required=True, parser_class=type(parser))
 
     ev = sub.add_parser("evaluate", help="fit the proxy or probe on --train, report accuracy on --test")

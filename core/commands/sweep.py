@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 
-from core.commands import COMMANDS
 from core.commands.common import load, positive_int
 from core.commands.progress import progress_bar
 from core.counterfact import load_counterfact
@@ -18,8 +17,7 @@ from core.rome import RomeHyperParams
 from core.sweep import MEASURES, LayerSweep, average_sweeps, layer_sweep, parse_layers
 
 
-def register(sub, add_common_options) -> None:
-    parser = sub.add_parser("sweep", help=COMMANDS["sweep"].help)
+def register(parser: argparse.ArgumentParser, add_common_options) -> None:
     parser.add_argument("--prompt", help='prompt with {} for the subject, e.g. "{} is located in"')
     parser.add_argument("--subject")
     parser.add_argument("--target", help="the new object")

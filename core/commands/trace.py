@@ -9,7 +9,6 @@ import time
 import numpy as np
 
 from core.budget import check_trace
-from core.commands import COMMANDS
 from core.commands.common import load, non_negative_float, non_negative_int, positive_int
 from core.commands.progress import progress_bar
 from core.errors import UserError
@@ -17,8 +16,7 @@ from core.trace_cost import estimated_seconds
 from core.tracing import DEFAULT_SAMPLES, DEFAULT_WINDOW, ENGINES, KINDS, TraceResult, prepare, trace_setup
 
 
-def register(sub, add_common_options) -> None:
-    parser = sub.add_parser("trace", help=COMMANDS["trace"].help)
+def register(parser: argparse.ArgumentParser, add_common_options) -> None:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--subject", required=True)
     parser.add_argument("--kind", choices=[*KINDS, "all"], default="all")
